@@ -1,0 +1,112 @@
+"""In-memory datasets: labeled and unlabeled pools, targets, on-the-fly augmentation.
+
+Data loading stays on the host, in numpy, apart from the jitted train step: `sample` returns
+plain arrays of fixed shapes. Targets are made once per full image (so a crop near its border
+still sees the dots just outside) and are cropped and flipped together with the image.
+"""
+import dataclasses
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from cellcount_jax import targets as targets_lib
+
+
+def pad_dots(dots: np.ndarray, max_dots: Optional[int] = None):
+    """(n, ndim) dots -> ((max_dots, ndim) zero-padded array, n) for jitted code."""
+    dots = np.asarray(dots, np.float32).reshape(len(dots), -1)
+    n = len(dots)
+    max_dots = max(n, 1) if max_dots is None else max_dots
+    if n > max_dots:
+        raise ValueError(f"{n} dots exceed max_dots={max_dots}")
+    out = np.zeros((max_dots, dots.shape[1]), np.float32)
+    out[:n] = dots
+    return out, n
+
+
+def check_dots(dots: np.ndarray, shape: Sequence[int], name: str):
+    """Raise a clear error if dots are not (n, ndim) coordinates inside an image of `shape`."""
+    dots = np.asarray(dots, np.float32)
+    if dots.ndim != 2 or dots.shape[1] != len(shape):
+        raise ValueError(f"{name}: dots must be (n, {len(shape)}) coordinates, got {dots.shape}")
+    if not np.isfinite(dots).all():
+        raise ValueError(f"{name}: dots contain NaN or inf")
+    rounded = np.round(dots)
+    outside = np.any((rounded < 0) | (rounded >= np.asarray(shape)), axis=1)
+    if outside.any():
+        raise ValueError(f"{name}: {int(outside.sum())} dots lie outside the image of shape "
+                         f"{tuple(shape)}, e.g. {dots[outside][0].tolist()}")
+
+
+def make_targets(images, dots, kind: str, scale: float, spacing=None, sigma: float = 2.0,
+                 cutoff: float = 0.0):
+    """Target maps (float32, spatial shape) of full images with the jitted generator."""
+    out = []
+    for i, (image, d) in enumerate(zip(images, dots)):
+        shape = image.shape[:-1]
+        check_dots(d, shape, f"image {i}")
+        fn = targets_lib.make_target_fn(kind, shape, scale, spacing, sigma, cutoff)
+        # Pad to a power of two so images with similar counts share one compilation.
+        padded, n = pad_dots(d, max(1, 1 << int(np.ceil(np.log2(max(len(d), 1))))))
+        out.append(np.asarray(fn(padded, n)))
+    return out
+
+
+def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rotate: bool):
+    """The same random crop, flips and rot90 (in the last two spatial axes) on every array."""
+    shape = arrays[0].shape[:ndim]
+    if any(c > s for c, s in zip(crop, shape)):
+        raise ValueError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
+    start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop)]
+    box = tuple(slice(a, a + c) for a, c in zip(start, crop))
+    arrays = [a[box] for a in arrays]
+    for axis in range(ndim):
+        if rng.uniform() < 0.5:
+            arrays = [np.flip(a, axis) for a in arrays]
+    if rotate and crop[-1] == crop[-2]:
+        k = int(rng.integers(4))
+        arrays = [np.rot90(a, k, axes=(ndim - 2, ndim - 1)) for a in arrays]
+    return [np.ascontiguousarray(a) for a in arrays]
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Labeled images with dots and target maps, and a pool of unlabeled images.
+
+    images: list of (*spatial, channels) float32, already normalised; dots: list of (n, ndim)
+    pixel coordinates; targets: list of maps from `make_targets`.
+    """
+    images: List[np.ndarray]
+    dots: List[np.ndarray]
+    targets: List[np.ndarray]
+    unlabeled: List[np.ndarray] = dataclasses.field(default_factory=list)
+    rotate: bool = True
+
+    @property
+    def ndim(self):
+        return self.images[0].ndim - 1
+
+    def sample(self, rng: np.random.Generator, crop: Sequence[int], batch: int,
+               unlabeled_batch: int = 0):
+        """One training batch: {'image', 'target'[, 'unlabeled']} of fixed shapes."""
+        if not self.images:
+            raise ValueError("the labeled pool is empty")
+        x, y = [], []
+        for i in rng.integers(len(self.images), size=batch):
+            a, t = _augment(rng, [self.images[i], self.targets[i]], self.ndim, crop, self.rotate)
+            x.append(a)
+            y.append(t)
+        out = {"image": np.stack(x), "target": np.stack(y)}
+        if unlabeled_batch:
+            if not self.unlabeled:
+                raise ValueError("unlabeled_batch > 0 but the unlabeled pool is empty")
+            out["unlabeled"] = np.stack([
+                _augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
+                for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)])
+        return out
+
+
+def channel_stats(images):
+    """Per-channel mean and std over a list of (*spatial, channels) images."""
+    flat = np.concatenate([im.reshape(-1, im.shape[-1]) for im in images])
+    return flat.mean(0).astype(np.float32), (flat.std(0) + 1e-6).astype(np.float32)

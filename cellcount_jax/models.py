@@ -1,0 +1,132 @@
+"""SAU-Net: a U-Net with self-attention at the bottleneck, for 2D and 3D (Guo et al. 2022).
+
+One module serves both ranks: the spatial rank follows the input, NHWC for 2D and NDHWC for
+3D. The network holds parameters only (instance norm, no batch statistics), so `apply` is a
+pure function of `(params, x)`, plus a `'dropout'` rng when attention dropout is on.
+
+The encoder and the decoder are callable on their own (`SAUNet.encode`, `SAUNet.decode`) so
+that a train step can perturb encoder features between them (the paper's student branch).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LEVELS = 4
+
+
+def _norm(name=None):
+    # eps as the reference implementation; scale and bias learned per channel.
+    return nn.InstanceNorm(epsilon=1e-6, name=name)
+
+
+def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS - 1)):
+    """Raise a clear error unless `shape` = (batch, *spatial, channels) fits the network."""
+    if len(shape) != ndim + 2:
+        raise ValueError(f"SAU-Net {ndim}D expects a (batch, {'z, ' if ndim == 3 else ''}y, x, "
+                         f"channels) array, got shape {tuple(shape)}")
+    bad = [s for s in shape[1:-1] if s % multiple]
+    if bad:
+        raise ValueError(f"spatial sizes {tuple(shape[1:-1])} must be multiples of {multiple} "
+                         f"(three 2x poolings); pad or crop the input")
+
+
+class Block(nn.Module):
+    """Two times [3x3(x3) conv with bias, SAME -> ReLU -> InstanceNorm] (activation before norm)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        k = (3,) * (x.ndim - 2)
+        for _ in range(2):
+            x = _norm()(nn.relu(nn.Conv(self.features, k, padding="SAME")(x)))
+        return x
+
+
+class SelfAttention(nn.Module):
+    """Non-local block at full width, no 1/sqrt(d) scaling, residual output t + x."""
+    dropout: float = 0.3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        b, c = x.shape[0], x.shape[-1]
+        ndim = x.ndim - 2
+        flat = lambda t: t.reshape(b, -1, c)
+        theta = flat(nn.Dense(c, name="theta")(x))
+        phi = flat(nn.Dense(c, name="phi")(x))
+        g = flat(nn.Dense(c, name="g")(x))
+        a = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", theta, phi), axis=-1)
+        a = nn.Dropout(self.dropout, deterministic=not train)(a)
+        t = jnp.einsum("bqk,bkc->bqc", a, g).reshape(x.shape)
+        # The reference uses a bias on this projection in 3D only.
+        t = nn.Dense(c, use_bias=(ndim == 3), name="out")(t)
+        return x + _norm("out_norm")(nn.relu(t))
+
+
+class Encoder(nn.Module):
+    features: int = 32
+    dropout: float = 0.3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        ndim = x.ndim - 2
+        check_spatial(x.shape, ndim)
+        skips = []
+        for level in range(LEVELS - 1):
+            x = Block(self.features * 2 ** level, name=f"down{level}")(x)
+            skips.append(x)
+            x = nn.max_pool(x, (2,) * ndim, strides=(2,) * ndim)
+        x = Block(self.features * 2 ** (LEVELS - 1), name="bottom")(x)
+        x = SelfAttention(self.dropout, name="attention")(x, train)
+        return tuple(skips) + (x,)
+
+
+class Decoder(nn.Module):
+    features: int = 32
+
+    @nn.compact
+    def __call__(self, feats):
+        *skips, x = feats
+        ndim = x.ndim - 2
+        for level in reversed(range(LEVELS - 1)):
+            f = self.features * 2 ** level
+            x = nn.ConvTranspose(f, (2,) * ndim, strides=(2,) * ndim, padding="VALID",
+                                 name=f"up{level}")(x)
+            x = _norm(f"up_norm{level}")(nn.relu(x))
+            x = Block(f, name=f"dec{level}")(jnp.concatenate([skips[level], x], axis=-1))
+        return nn.relu(nn.Conv(1, (1,) * ndim, name="head")(x))[..., 0]
+
+
+class SAUNet(nn.Module):
+    """SAU-Net with `features` channels at the first level (f, 2f, 4f, 8f over 4 levels).
+
+    `__call__(x, train)`: x (batch, [z,] y, x, channels) -> density (batch, [z,] y, x), >= 0.
+    Spatial sizes must be multiples of 8.
+    """
+    features: int = 32
+    dropout: float = 0.3
+
+    def setup(self):
+        self.encoder = Encoder(self.features, self.dropout)
+        self.decoder = Decoder(self.features)
+
+    def encode(self, x, train: bool = False):
+        """Returns (skip0, skip1, skip2, bottleneck): the features a student branch perturbs."""
+        return self.encoder(x, train)
+
+    def decode(self, feats):
+        return self.decoder(feats)
+
+    def __call__(self, x, train: bool = False):
+        return self.decode(self.encode(x, train))
+
+
+def init_params(model: SAUNet, rng, input_shape: Sequence[int]):
+    """Parameters for inputs of `input_shape` (batch, *spatial, channels); batch may be 1."""
+    shape = (1,) + tuple(input_shape[1:])
+    return model.init(rng, jnp.zeros(shape, jnp.float32))["params"]
+
+
+def count_params(params) -> int:
+    return sum(p.size for p in jax.tree_util.tree_leaves(params))
