@@ -95,9 +95,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
         metrics.update(terms)
         metrics["loss"] = loss
         metrics = jax.lax.pmean(metrics, axis_name)
-        metrics.update(w=w, lr=lr_fn(state["step"]), grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(new_params),
-                       update_norm=optax.global_norm(updates))
+        metrics.update(w=w, lr=lr_fn(state["step"]), grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(new_params),
+                       update_norm=optax.tree.norm(updates))
         return new_state, metrics
 
     return step
@@ -119,14 +119,18 @@ class Parallel:
                                donate_argnums=(0,))
         elif mode == "shard_map":
             self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+            # check_vma=False keeps per-device gradients of the replicated parameters local
+            # (as under pmap), so the body's own pmean is the only reduction.
             body = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
-                                 out_specs=(P(), P()))
+                                 out_specs=(P(), P()), check_vma=False)
             self.fn = jax.jit(body, donate_argnums=(0,))
         else:
             raise ValueError(f"config.train.parallel must be 'pmap' or 'shard_map', got {mode!r}")
         self.n = n
 
     def put_state(self, state):
+        # Copies from host memory: the step donates its input state, the caller keeps theirs.
+        state = jax.device_get(state)
         if self.mode == "pmap":
             # pmap shards the leading axis across the devices at the first call.
             return jax.tree.map(lambda a: np.stack([np.asarray(a)] * self.n), state)
