@@ -57,13 +57,13 @@ def get_config():
     c.optim.sgdr_mult = 2
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 300
+    c.train.steps = 1500
     c.train.crop = (64, 64)
     c.train.batch = 4               # labeled crops per step (global, over all devices)
     c.train.unlabeled_batch = 4
     c.train.parallel = "pmap"       # or 'shard_map'
-    c.train.log_every = 25
-    c.train.checkpoint_every = 100
+    c.train.log_every = 100
+    c.train.checkpoint_every = 500
 
     c.eval = ml_collections.ConfigDict()
     c.eval.radius = 5.0             # match radius, physical units

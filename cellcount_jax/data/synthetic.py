@@ -22,7 +22,7 @@ def _rotation(rng, ndim):
 
 def _centres(rng, shape, spacing, n, radius, cluster_frac, min_dist):
     """n centre positions (pixels); a fraction of them in clusters around seed cells."""
-    extent = np.asarray(shape) * spacing
+    extent = (np.asarray(shape) - 1) * spacing  # centres stay on the pixel grid [0, n - 1]
     margin = 0.5 * radius
     pts = []
     attempts = 0
@@ -34,7 +34,7 @@ def _centres(rng, shape, spacing, n, radius, cluster_frac, min_dist):
             p = pts[rng.integers(len(pts))] + d / np.linalg.norm(d) * radius * rng.uniform(0.9, 1.6)
         else:
             p = rng.uniform(margin, extent - margin)
-        if np.any(p < 0) or np.any(p > extent - 1e-3 * spacing):
+        if np.any(p < 0) or np.any(p > extent):
             continue
         if pts and np.min(np.linalg.norm(np.asarray(pts) - p, axis=1)) < min_dist * radius:
             continue
