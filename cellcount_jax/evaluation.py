@@ -1,9 +1,15 @@
-"""Evaluation on held-out images: density -> detections -> count MAE and detection F1.
+"""Evaluation on held-out images: density -> counts and detections -> MAE, precision/recall/F1.
 
-The detection threshold is chosen on the labeled training images only (the threshold that
-maximises their F1), never on the test set. The same protocol gives a baseline that
-thresholds the image itself, so a reader sees what the network adds.
+Two count readouts:
+- detections: `eval.detector` = 'components' (threshold, connected components, centroids)
+  or 'peaks' (local maxima above the threshold); the count is the number of detections;
+- integration: sum of the density divided by the mean target mass per dot measured on the
+  labeled training targets (for Gaussian maps this is ~target_scale, the classic readout).
+The detection threshold is the candidate with the best F1 on the labeled training images,
+never chosen on the test set. The same protocol applied to the image itself (channel mean)
+gives the `raw_threshold` baseline, which shows what the network adds.
 """
+import csv
 import json
 import os
 
@@ -11,19 +17,43 @@ import jax
 import numpy as np
 
 from cellcount_jax import metrics, postprocess
+from cellcount_jax.data.dataset import standardise
+from cellcount_jax.models import LEVELS
 
 
-def make_predict_fn(model):
-    """Jitted `(params, image (*spatial, C)) -> density (*spatial)`, deterministic."""
+def make_predict_fn(model, standardise_input: bool = False):
+    """`(params, image (*spatial, C)) -> density (*spatial)`: jitted and deterministic.
+
+    Images of any size: edges are reflect-padded to a multiple of 8 and cropped back.
+    """
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x[None], train=False)[0])
-    return lambda params, image: np.asarray(fn(params, image))
+    m = 2 ** (LEVELS - 1)
+
+    def predict(params, image):
+        if standardise_input:
+            image = standardise(image)
+        spatial = image.shape[:-1]
+        pad = [(0, -s % m) for s in spatial] + [(0, 0)]
+        padded = np.pad(image, pad, mode="reflect" if min(spatial) > m else "edge")
+        return np.asarray(fn(params, padded))[tuple(slice(0, s) for s in spatial)]
+
+    return predict
 
 
-def calibrate_threshold(maps, dots, candidates, radius, spacing=None, min_size=1):
+def detect(density, threshold, detector="components", min_size=1):
+    if detector == "components":
+        return postprocess.detect(density, threshold, min_size)
+    if detector == "peaks":
+        return postprocess.local_maxima(density, threshold)
+    raise ValueError(f"config.eval.detector must be 'components' or 'peaks', got {detector!r}")
+
+
+def calibrate_threshold(maps, dots, candidates, radius, spacing=None, detector="components",
+                        min_size=1):
     """The candidate threshold with the best pooled F1 (then lowest MAE) on (maps, dots)."""
     best = None
     for t in candidates:
-        preds = [postprocess.detect(m, t, min_size) for m in maps]
+        preds = [detect(m, t, detector, min_size) for m in maps]
         r = metrics.evaluate_points(preds, dots, radius, spacing)
         key = (r["f1"], -r["mae"])
         if best is None or key > best[0]:
@@ -31,56 +61,88 @@ def calibrate_threshold(maps, dots, candidates, radius, spacing=None, min_size=1
     return best[1]
 
 
-def score(maps, dots, threshold, radius, spacing=None, min_size=1):
-    preds = [postprocess.detect(m, threshold, min_size) for m in maps]
-    out = metrics.evaluate_points(preds, dots, radius, spacing)
+def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
+          mass_per_dot=None):
+    """Scores at each radius in `radii` (the first is the headline) plus per-image rows."""
+    preds = [detect(m, threshold, detector, min_size) for m in maps]
+    out = metrics.evaluate_points(preds, dots, radii[0], spacing)
     out["threshold"] = threshold
+    out["by_radius"] = {str(r): metrics.evaluate_points(preds, dots, r, spacing) for r in radii}
     out["count_mean"] = float(np.mean([len(p) for p in preds]))
     out["true_count_mean"] = float(np.mean([len(d) for d in dots]))
-    return out
+    rows = []
+    for p, d, m in zip(preds, dots, maps):
+        tp, fp, fn = metrics.match(p, d, radii[0], spacing)
+        rows.append({"true_count": len(d), "detected_count": len(p), "tp": tp, "fp": fp, "fn": fn})
+        if mass_per_dot:
+            rows[-1]["integrated_count"] = float(np.sum(m) / mass_per_dot)
+    if mass_per_dot:
+        out["mae_integration"] = float(np.mean([abs(r["integrated_count"] - r["true_count"])
+                                                for r in rows]))
+    return out, preds, rows
 
 
 def evaluate(config, model, params, splits, workdir=None):
-    """Scores `params` on splits['test']; writes `workdir/eval.json`; returns the summary.
+    """Scores `params` on splits['test']; writes to `workdir`: eval.json (summary),
+    eval_per_image.csv, and inference.json (normalisation, threshold: what `predict` needs).
 
-    Summary: {'model': {...}, 'raw_threshold': {...}} with mae, precision, recall, f1 and the
-    threshold each used.
+    Returns {'model': {...}, 'raw_threshold': {...}, ...}: mae (detections), mae_integration,
+    precision, recall, f1 at `eval.radius`, `by_radius` for `eval.extra_radii`, thresholds.
     """
     ev = config.eval
     spacing = splits["spacing"]
-    train, (test_images, test_dots) = splits["train"], splits["test"]
-    predict = make_predict_fn(model)
+    train, test = splits["train"], splits["test"]
+    radii = [float(ev.radius)] + [float(r) for r in ev.extra_radii]
+    predict = make_predict_fn(model, train.standardise_crops)
     train_maps = [predict(params, im) for im in train.images]
-    test_maps = [predict(params, im) for im in test_images]
+    test_maps = [predict(params, im) for im in test.images]
     candidates = config.target.scale * np.asarray(ev.threshold_fractions)
-    thr = calibrate_threshold(train_maps, train.dots, candidates, ev.radius, spacing, ev.min_size)
-    summary = {"model": score(test_maps, test_dots, thr, ev.radius, spacing, ev.min_size)}
+    thr = calibrate_threshold(train_maps, train.dots, candidates, radii[0], spacing, ev.detector,
+                              ev.min_size)
+    mass = sum(float(t.sum()) for t in train.targets) / max(sum(len(d) for d in train.dots), 1)
+    model_scores, preds, rows = score(test_maps, test.dots, thr, radii, spacing, ev.detector,
+                                      ev.min_size, mass)
+    summary = {"model": model_scores}
 
-    # Baseline: threshold the channel mean of the (normalised) image, calibrated the same way.
     raw = lambda ims: [im.mean(-1) for im in ims]
     train_raw = raw(train.images)
     raw_candidates = np.quantile(np.concatenate([r.ravel() for r in train_raw]),
                                  np.linspace(0.3, 0.995, 40))
-    raw_thr = calibrate_threshold(train_raw, train.dots, raw_candidates, ev.radius, spacing,
-                                  ev.min_size)
-    summary["raw_threshold"] = score(raw(test_images), test_dots, raw_thr, ev.radius, spacing,
-                                     ev.min_size)
-    summary["num_test_images"] = len(test_images)
-    summary["radius"] = ev.radius
+    raw_thr = calibrate_threshold(train_raw, train.dots, raw_candidates, radii[0], spacing,
+                                  "components", ev.min_size)
+    summary["raw_threshold"] = score(raw(test.images), test.dots, raw_thr, radii, spacing,
+                                     "components", ev.min_size)[0]
+    summary.update(num_test_images=len(test.images), radius=radii[0], detector=ev.detector,
+                   mass_per_dot=mass)
     print(format_table(summary), flush=True)
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        with open(os.path.join(workdir, "inference.json"), "w") as f:
+            json.dump({"normalisation": splits["normalisation"], "threshold": thr,
+                       "detector": ev.detector, "min_size": ev.min_size, "spacing": spacing,
+                       "mass_per_dot": mass, "radius": radii[0],
+                       "channels": int(train.images[0].shape[-1])}, f, indent=2)
+        with open(os.path.join(workdir, "eval_per_image.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, ["name"] + list(rows[0]))
+            w.writeheader()
+            for name, r in zip(test.names, rows):
+                w.writerow({"name": name, **r})
     return summary
 
 
 def format_table(summary):
-    rows = [f"held-out images: {summary['num_test_images']}, match radius {summary['radius']}",
-            f"{'method':<16}{'MAE':>8}{'precision':>11}{'recall':>8}{'F1':>8}{'count':>8}{'true':>8}"]
+    radii = list(summary["model"]["by_radius"])
+    head = f"{'method':<15}{'MAE':>7}{'MAE int':>8}{'prec':>8}{'recall':>8}" + "".join(
+        f"{'F1@' + r:>9}" for r in radii) + f"{'count':>8}{'true':>7}"
+    rows = [f"held-out images: {summary['num_test_images']}, detector {summary['detector']}, "
+            f"headline radius {summary['radius']}", head]
     for name in ("model", "raw_threshold"):
         r = summary[name]
-        rows.append(f"{name:<16}{r['mae']:>8.2f}{100 * r['precision']:>10.2f}%"
-                    f"{100 * r['recall']:>7.2f}%{100 * r['f1']:>7.2f}%"
-                    f"{r['count_mean']:>8.1f}{r['true_count_mean']:>8.1f}")
+        mi = r.get("mae_integration")
+        rows.append(f"{name:<15}{r['mae']:>7.2f}{'' if mi is None else f'{mi:.2f}':>8}"
+                    f"{100 * r['precision']:>7.2f}%{100 * r['recall']:>7.2f}%"
+                    + "".join(f"{100 * r['by_radius'][k]['f1']:>8.2f}%" for k in radii)
+                    + f"{r['count_mean']:>8.1f}{r['true_count_mean']:>7.1f}")
     return "\n".join(rows)

@@ -21,3 +21,16 @@ def detect(density: np.ndarray, threshold: float, min_size: int = 1):
             return np.zeros((0, density.ndim), np.float32)
     centres = ndimage.center_of_mass(density, labels, index)
     return np.asarray(centres, np.float32).reshape(-1, density.ndim)
+
+
+def local_maxima(density: np.ndarray, threshold: float, size: int = 3):
+    """Local maxima (size^ndim neighbourhood) above `threshold`; a plateau of equal maxima
+    gives one detection at its centre. Returns (n, ndim) pixel coordinates."""
+    density = np.asarray(density, np.float64)
+    peaks = (ndimage.maximum_filter(density, size=size, mode="constant", cval=-np.inf) == density)
+    peaks &= density > threshold
+    labels, n = ndimage.label(peaks, structure=np.ones((3,) * density.ndim))
+    if n == 0:
+        return np.zeros((0, density.ndim), np.float32)
+    centres = ndimage.center_of_mass(peaks, labels, np.arange(1, n + 1))
+    return np.asarray(centres, np.float32).reshape(-1, density.ndim)

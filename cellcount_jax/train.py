@@ -215,18 +215,22 @@ def train_and_evaluate(config, workdir: str):
     return summary
 
 
-def evaluate_checkpoint(config, workdir: str):
-    """Evaluates the latest checkpoint in `workdir` on the held-out split."""
-    splits = data.load(config)
+def restore_params(config, workdir: str, channels: int):
+    """Model and parameters of the latest checkpoint in `workdir`."""
     model = create_model(config)
     tx, _ = optim.create_optimizer(config.optim, config.train.steps)
-    crop = tuple(config.train.crop)
-    channels = splits["train"].images[0].shape[-1]
     state = create_train_state(config, model, tx, jax.random.key(config.seed),
-                               (1,) + crop + (channels,))
+                               (1,) + tuple(config.train.crop) + (channels,))
     manager = checkpoints.manager(workdir, config.train.checkpoint_every)
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train)")
     state = checkpoints.restore_latest(manager, state)
     manager.close()
-    return evaluation.evaluate(config, model, state["params"], splits, workdir)
+    return model, state["params"]
+
+
+def evaluate_checkpoint(config, workdir: str):
+    """Evaluates the latest checkpoint in `workdir` on the held-out split."""
+    splits = data.load(config)
+    model, params = restore_params(config, workdir, splits["train"].images[0].shape[-1])
+    return evaluation.evaluate(config, model, params, splits, workdir)

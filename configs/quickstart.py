@@ -27,6 +27,17 @@ def get_config():
     c.data.num_labeled = 8
     c.data.num_unlabeled = 32
     c.data.num_test = 16
+    c.data.normalise = "channel_stats"  # or 'minmax' (+ per-crop standardisation, 3D recipe)
+    # source 'vgg': the VGG cells folder and the paper's split seed
+    c.data.path = "../shared/data/vgg_cells"
+    c.data.split_seed = 5455
+    # source 'folder': images, annotations (<stem>.csv dots or <stem>.tif label masks)
+    c.data.ndim = 2
+    c.data.images = ""
+    c.data.annotations = ""
+    c.data.test_names = ()           # stems held out from `images` for testing, or:
+    c.data.test_images = ""          # a separate test folder
+    c.data.test_annotations = ""
 
     c.target = ml_collections.ConfigDict()
     c.target.kind = "inverse_distance"   # or 'gaussian'
@@ -66,7 +77,9 @@ def get_config():
     c.train.checkpoint_every = 500
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.radius = 5.0             # match radius, physical units
+    c.eval.radius = 5.0             # headline match radius, physical units
+    c.eval.extra_radii = (3.0, 8.0)
+    c.eval.detector = "components"  # or 'peaks' (local maxima)
     c.eval.min_size = 1
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])

@@ -53,7 +53,8 @@ def make_targets(images, dots, kind: str, scale: float, spacing=None, sigma: flo
 
 
 def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rotate: bool):
-    """The same random crop, flips and rot90 (in the last two spatial axes) on every array."""
+    """The same random crop, flips of every spatial axis and rot90 (k in {0, 1}, in the last
+    two spatial axes: with the flips, all 8 symmetries of the square) on every array."""
     shape = arrays[0].shape[:ndim]
     if any(c > s for c, s in zip(crop, shape)):
         raise ValueError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
@@ -63,9 +64,8 @@ def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rota
     for axis in range(ndim):
         if rng.uniform() < 0.5:
             arrays = [np.flip(a, axis) for a in arrays]
-    if rotate and crop[-1] == crop[-2]:
-        k = int(rng.integers(4))
-        arrays = [np.rot90(a, k, axes=(ndim - 2, ndim - 1)) for a in arrays]
+    if rotate and crop[-1] == crop[-2] and rng.uniform() < 0.5:
+        arrays = [np.rot90(a, 1, axes=(ndim - 2, ndim - 1)) for a in arrays]
     return [np.ascontiguousarray(a) for a in arrays]
 
 
@@ -74,13 +74,18 @@ class Dataset:
     """Labeled images with dots and target maps, and a pool of unlabeled images.
 
     images: list of (*spatial, channels) float32, already normalised; dots: list of (n, ndim)
-    pixel coordinates; targets: list of maps from `make_targets`.
+    pixel coordinates; targets: list of maps from `make_targets`. rotate: rot90 in the last
+    two axes (needs isotropic spacing there). standardise_crops: each crop to zero mean and
+    unit std per channel (the reference's 3D recipe; `standardise` does the same to a whole
+    image at inference).
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
     targets: List[np.ndarray]
     unlabeled: List[np.ndarray] = dataclasses.field(default_factory=list)
     rotate: bool = True
+    standardise_crops: bool = False
+    names: Optional[List[str]] = None
 
     @property
     def ndim(self):
@@ -94,16 +99,23 @@ class Dataset:
         x, y = [], []
         for i in rng.integers(len(self.images), size=batch):
             a, t = _augment(rng, [self.images[i], self.targets[i]], self.ndim, crop, self.rotate)
-            x.append(a)
+            x.append(standardise(a) if self.standardise_crops else a)
             y.append(t)
         out = {"image": np.stack(x), "target": np.stack(y)}
         if unlabeled_batch:
             if not self.unlabeled:
                 raise ValueError("unlabeled_batch > 0 but the unlabeled pool is empty")
-            out["unlabeled"] = np.stack([
-                _augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
-                for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)])
+            crops = [_augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
+                     for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)]
+            out["unlabeled"] = np.stack([standardise(c) if self.standardise_crops else c
+                                         for c in crops])
         return out
+
+
+def standardise(image: np.ndarray):
+    """(*spatial, channels) -> zero mean, unit std per channel."""
+    axes = tuple(range(image.ndim - 1))
+    return ((image - image.mean(axes)) / (image.std(axes) + 1e-6)).astype(np.float32)
 
 
 def channel_stats(images):

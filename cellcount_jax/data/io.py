@@ -1,0 +1,127 @@
+"""Reading and writing the files users have: PNG/TIFF images, dot CSVs, label masks.
+
+Images come back as float32 (*spatial, channels) arrays in their original value range;
+normalisation is the dataset's job. Dots are (n, ndim) float32 pixel coordinates in axis
+order ([z,] y, x). Every problem raises one `ValueError` naming the file.
+"""
+import csv
+import os
+
+import numpy as np
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+def read_image(path: str, ndim: int, channels: int = None):
+    """An image as float32 (*spatial, channels).
+
+    2D: grey (H, W) or colour (H, W, 3|4; alpha dropped). 3D: a ZYX stack (Z, Y, X) or
+    (Z, Y, X, C). `channels`, when given, is checked.
+    """
+    try:
+        if path.lower().endswith((".tif", ".tiff")):
+            a = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                a = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file to the user
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{path}: unsupported pixel type {a.dtype}")
+    if a.ndim == ndim:
+        a = a[..., None]
+    elif not (a.ndim == ndim + 1 and a.shape[-1] <= 4):
+        raise ValueError(f"{path}: expected a {ndim}D image ({'Z, Y, X' if ndim == 3 else 'Y, X'}"
+                         f"[, channels]), got shape {a.shape}")
+    if ndim == 2 and a.shape[-1] == 4:
+        a = a[..., :3]
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{path}: image contains NaN or inf")
+    if channels is not None and a.shape[-1] != channels:
+        raise ValueError(f"{path}: expected {channels} channel(s), got {a.shape[-1]}")
+    return a
+
+
+def _axis_columns(header, ndim, path):
+    names = [h.strip().lower() for h in header]
+    wanted = ["z", "y", "x"][3 - ndim:]
+    if all(w in names for w in wanted):
+        return [names.index(w) for w in wanted]
+    # napari points layer: index, axis-0, axis-1[, axis-2]
+    napari = [f"axis-{i}" for i in range(ndim)]
+    if all(w in names for w in napari):
+        return [names.index(w) for w in napari]
+    raise ValueError(f"{path}: header {header} names no {','.join(wanted)} columns "
+                     f"(or napari's {','.join(napari)})")
+
+
+def read_dots_csv(path: str, ndim: int):
+    """Dots from a CSV whose header names the axes (`y,x`, `z,y,x`, or napari's `axis-i`)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read dots ({e})") from e
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"{path}: empty dot file (expected a header such as "
+                         f"{'z,y,x' if ndim == 3 else 'y,x'})")
+    cols = _axis_columns(rows[0], ndim, path)
+    try:
+        dots = np.array([[float(r[c]) for c in cols] for r in rows[1:]], np.float32)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path}: bad number in dot file ({e})") from e
+    return dots.reshape(-1, ndim)
+
+
+def dots_from_mask(mask: np.ndarray):
+    """Centroids (n, ndim) of the objects of a label or binary mask (how full annotations
+    become dots): each label value is one object; a binary mask is split into face-connected
+    components."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool or len(np.unique(mask)) <= 2:
+        labels, n = ndimage.label(mask > 0)
+    else:
+        labels = mask.astype(np.int64)
+        n = None
+    index = np.arange(1, n + 1) if n is not None else np.unique(labels[labels > 0])
+    if len(index) == 0:
+        return np.zeros((0, mask.ndim), np.float32)
+    return np.asarray(ndimage.center_of_mass(np.ones(mask.shape), labels, index),
+                      np.float32).reshape(-1, mask.ndim)
+
+
+def dots_from_red_pixels(path: str):
+    """VGG-style dot image: one pure-red (255, 0, 0) pixel per cell; pixels, not blobs."""
+    a = read_image(path, 2)
+    if a.shape[-1] < 3:
+        raise ValueError(f"{path}: a VGG dot image must be RGB, got {a.shape[-1]} channel(s)")
+    red = (a[..., 0] == 255) & (a[..., 1] == 0) & (a[..., 2] == 0)
+    return np.argwhere(red).astype(np.float32)
+
+
+def write_dots_csv(path: str, dots: np.ndarray, spacing=None, extra=None):
+    """Dots as CSV with pixel columns ([z,] y, x) and physical columns ([z_um,] y_um, x_um)."""
+    dots = np.asarray(dots, np.float64).reshape(-1, np.shape(dots)[-1] if np.ndim(dots) == 2 else 2)
+    ndim = dots.shape[1]
+    axes = ["z", "y", "x"][3 - ndim:]
+    spacing = np.ones(ndim) if spacing is None else np.asarray(spacing, np.float64)
+    extra = extra or {}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(axes + [f"{a}_physical" for a in axes] + list(extra))
+        for i, d in enumerate(dots):
+            w.writerow([f"{v:.3f}" for v in d] + [f"{v:.4f}" for v in d * spacing]
+                       + [f"{extra[k][i]:.4g}" for k in extra])
+
+
+def list_images(folder: str):
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
