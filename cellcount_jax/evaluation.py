@@ -96,7 +96,10 @@ def evaluate(config, model, params, splits, workdir=None):
     predict = make_predict_fn(model, train.standardise_crops)
     train_maps = [predict(params, im) for im in train.images]
     test_maps = [predict(params, im) for im in test.images]
-    candidates = config.target.scale * np.asarray(ev.threshold_fractions)
+    # Thresholds relative to the typical peak of the training targets (scale for inverse
+    # distance maps, the height of one Gaussian for density maps).
+    peak = float(np.mean([t.max() for t in train.targets]))
+    candidates = peak * np.asarray(ev.threshold_fractions)
     thr = calibrate_threshold(train_maps, train.dots, candidates, radii[0], spacing, ev.detector,
                               ev.min_size)
     mass = sum(float(t.sum()) for t in train.targets) / max(sum(len(d) for d in train.dots), 1)
