@@ -46,21 +46,22 @@ def _nearest_along_last_axis(seeds, step):
     return jnp.where(jnp.isfinite(d), d * d, _BIG)
 
 
-def _min_plus_along(f, axis, step):
-    """D(x) = min_y f(y) + (step (x - y))^2 along `axis`: one separable pass of the exact EDT.
+def _min_plus_lines(f, step):
+    """D(x) = min_y f(y) + (step (x - y))^2 along axis 0 of f (n, lines), exactly.
 
-    Offsets are visited in increasing |x - y| and the loop stops as soon as the parabola term
-    alone exceeds every current value, so dense dots cost a few passes over the array and
-    memory stays O(size of f).
+    Offsets are visited in increasing |x - y| until the parabola term alone exceeds every
+    current value: dense dots cost a few sweeps.
     """
-    f = jnp.moveaxis(f, axis, 0)
     n = f.shape[0]
     pad = jnp.full((n,) + f.shape[1:], _BIG, f.dtype)
     padded = jnp.concatenate([pad, f, pad], axis=0)
 
+    # Lines without any seed stay at _BIG whatever the offset: they do not keep the loop going.
+    live = jnp.any(f < _BIG, axis=0)
+
     def cond(carry):
         delta, d = carry
-        return (delta < n) & ((step * delta) ** 2 < jnp.max(d))
+        return (delta < n) & ((step * delta) ** 2 < jnp.max(jnp.where(live, d, 0.0)))
 
     def body(carry):
         delta, d = carry
@@ -69,8 +70,28 @@ def _min_plus_along(f, axis, step):
         hi = jax.lax.dynamic_slice_in_dim(padded, n + delta, n, axis=0)
         return delta + 1, jnp.minimum(d, jnp.minimum(lo, hi) + cost)
 
-    _, d = jax.lax.while_loop(cond, body, (jnp.int32(1), f))
-    return jnp.moveaxis(d, 0, axis)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), f))[1]
+
+
+def _min_plus_along(f, axis, step, chunk_elements: int = 1 << 14):
+    """One separable pass of the exact EDT along `axis`, in cache-sized groups of lines.
+
+    Each group stops on its own, so sparse regions cost sweeps only where they are sparse,
+    and memory stays O(size of f).
+    """
+    f = jnp.moveaxis(f, axis, 0)
+    shape = f.shape
+    n = shape[0]
+    lines = f.reshape(n, -1)
+    m = lines.shape[1]
+    per = max(1, min(m, chunk_elements // n))
+    groups = -(-m // per)
+    # Extra lines are zeros: they end their group's loop at once and are dropped.
+    lines = jnp.pad(lines, ((0, 0), (0, groups * per - m)))
+    chunks = lines.reshape(n, groups, per).transpose(1, 0, 2)
+    out = jax.lax.map(lambda c: _min_plus_lines(c, step), chunks)
+    out = out.transpose(1, 0, 2).reshape(n, -1)[:, :m]
+    return jnp.moveaxis(out.reshape(shape), 0, axis)
 
 
 def squared_distance(seeds, spacing: Optional[Sequence[float]] = None):

@@ -1,0 +1,265 @@
+"""Benchmark suite: one JSON line per measurement, on whatever backend JAX finds.
+
+    python benchmarks/run.py                 # everything
+    python benchmarks/run.py --only=train,targets --quick
+
+Measures, after compilation (compile time reported separately) and with
+`block_until_ready`: the SSL and supervised train steps, inference, the target generator
+against scipy, post-processing + matching, and, when torch is importable, the PyTorch peer
+(../shared/peers/torch_saunet.py) on the same shapes in the same process, as a ratio.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cellcount_jax import models, optim, postprocess, metrics, targets, train  # noqa: E402
+from configs import quickstart  # noqa: E402
+
+PEER = os.path.join(ROOT, "..", "shared", "peers", "torch_saunet.py")
+
+TRAIN_CASES = [  # (name, spatial, batch)
+    ("2d_128", (128, 128), 8),
+    ("2d_224", (224, 224), 8),
+    ("3d_32x64x64", (32, 64, 64), 2),
+    ("3d_56x200x200", (56, 200, 200), 1),
+]
+INFER_CASES = [("2d_256", (256, 256), 1), ("3d_64x224x224", (64, 224, 224), 1)]
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_info():
+    d = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device_kind": d.device_kind,
+            "devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "jax": jax.__version__}
+
+
+def emit(record):
+    record.update(peak_rss_mb=round(peak_rss_mb(), 1))
+    print(json.dumps(record), flush=True)
+
+
+def timed(fn, args, steps, warmup):
+    """Mean seconds per call after `warmup` calls; `fn` returns arrays to block on."""
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def flops_of(compiled):
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def matmul_peak(n=2048, steps=10):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    dt = timed(f, (a,), steps, 2)
+    rate = 2 * n ** 3 / dt
+    emit({"name": "matmul_peak", **device_info(), "n": n, "flops_per_s": rate})
+    return rate
+
+
+def bench_train(name, spatial, batch, ssl, steps, warmup, peak, features=32):
+    c = quickstart.get_config()
+    c.model.features = features
+    c.ssl.enabled = ssl
+    ch = 3 if len(spatial) == 2 else 1
+    model = train.create_model(c)
+    tx, lr = optim.create_optimizer(c.optim, 1000)
+    state = train.create_train_state(c, model, tx, jax.random.key(0), (1, *spatial, ch))
+    rng = np.random.default_rng(0)
+    b = {"image": rng.normal(size=(batch, *spatial, ch)).astype(np.float32),
+         "target": rng.uniform(size=(batch, *spatial)).astype(np.float32)}
+    if ssl:
+        b["unlabeled"] = rng.normal(size=(batch, *spatial, ch)).astype(np.float32)
+    par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1])
+    dstate, dbatch, key = par.put_state(state), par.put_batch(b), jax.random.key(1)
+    t0 = time.perf_counter()
+    compiled = par.fn.lower(dstate, dbatch, key).compile()
+    compile_s = time.perf_counter() - t0
+    flops = flops_of(compiled)
+
+    def step(s):
+        return compiled(s, dbatch, key)[0]
+
+    # The state is donated: thread it through the timed calls.
+    holder = [dstate]
+
+    def call():
+        holder[0] = step(holder[0])
+        return holder[0]
+
+    dt = timed(call, (), steps, warmup)
+    images = batch * (2 if ssl else 1)
+    rec = {"name": f"train_{'ssl' if ssl else 'supervised'}_{name}", **device_info(),
+           "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
+           "features": features, "compile_s": round(compile_s, 2),
+           "step_s": round(dt, 4), "steps_per_s": round(1 / dt, 3),
+           "images_per_s": round(images / dt, 3), "flops_per_step": flops,
+           "flops_per_s": flops / dt}
+    if peak:
+        rec["fraction_of_matmul_peak"] = round(flops / dt / peak, 3)
+    emit(rec)
+    return rec
+
+
+def bench_torch(spatial, batch, steps, warmup, jax_rec):
+    try:
+        import torch
+    except ImportError:
+        emit({"name": f"torch_peer_{len(spatial)}d", "skipped": "torch not importable"})
+        return
+    if not os.path.exists(PEER):
+        emit({"name": f"torch_peer_{len(spatial)}d", "skipped": f"{PEER} not found"})
+        return
+    spec = importlib.util.spec_from_file_location("torch_saunet", PEER)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    torch.manual_seed(0)
+    ndim = len(spatial)
+    cin = 3 if ndim == 2 else 1
+    net = peer.SAUNet(ndim, cin, 32)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x, y = torch.rand(batch, cin, *spatial), torch.rand(batch, 1, *spatial)
+
+    def step():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    rec = {"name": f"torch_peer_supervised_{ndim}d", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "spatial": list(spatial), "batch": batch,
+           "params": sum(p.numel() for p in net.parameters()), "step_s": round(dt, 4),
+           "images_per_s": round(batch / dt, 3)}
+    if jax_rec:
+        rec["jax_images_per_s"] = jax_rec["images_per_s"]
+        rec["ratio_jax_over_torch"] = round(jax_rec["images_per_s"] / rec["images_per_s"], 3)
+    emit(rec)
+
+
+def bench_infer(name, spatial, batch, steps, warmup):
+    ch = 3 if len(spatial) == 2 else 1
+    model = models.SAUNet(32)
+    params = models.init_params(model, jax.random.key(0), (1, *spatial, ch))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *spatial, ch)), jnp.float32)
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, x).compile()
+    compile_s = time.perf_counter() - t0
+    flops = flops_of(compiled)
+    dt = timed(compiled, (params, x), steps, warmup)
+    emit({"name": f"infer_{name}", **device_info(), "spatial": list(spatial), "batch": batch,
+          "compile_s": round(compile_s, 2), "step_s": round(dt, 4),
+          "images_per_s": round(batch / dt, 3), "flops_per_s": flops / dt})
+
+
+def scipy_idk(shape, dots, spacing):
+    seeds = np.ones(shape, bool)
+    seeds[tuple(dots.astype(int).T)] = False
+    d = ndimage.distance_transform_edt(seeds, sampling=spacing)
+    return 1.0 / (d ** (0.02 * d + 0.75) + 1.0)
+
+
+def bench_targets(shape, n, spacing, steps):
+    rng = np.random.default_rng(0)
+    dots = np.stack([rng.integers(0, s, n) for s in shape], 1).astype(np.float32)
+    fn = lambda: targets.inverse_distance(dots, n, shape, spacing)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    compile_s = time.perf_counter() - t0
+    dt_jax = timed(fn, (), steps, 1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ref = scipy_idk(shape, dots, spacing)
+    dt_scipy = (time.perf_counter() - t0) / steps
+    err = float(np.abs(np.asarray(fn()) - ref).max())
+    emit({"name": f"targets_{len(shape)}d", **device_info(), "shape": list(shape), "dots": n,
+          "spacing": list(spacing), "compile_s": round(compile_s, 2),
+          "jax_s": round(dt_jax, 5), "scipy_s": round(dt_scipy, 5),
+          "speedup_vs_scipy": round(dt_scipy / dt_jax, 3), "max_abs_err": err})
+
+
+def bench_post(steps):
+    rng = np.random.default_rng(0)
+    dots = rng.uniform(0, 255, (176, 2)).astype(np.float32)
+    density = 100 * np.asarray(targets.inverse_distance(dots, 176, (256, 256)))
+    density += rng.uniform(0, 5, density.shape)
+
+    def run():
+        det = postprocess.detect(density, 50.0)
+        return metrics.match(det, dots, 5.0)
+
+    run()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        r = run()
+    emit({"name": "postprocess_match_256", "dots": 176, "tp_fp_fn": list(r),
+          "step_s": round((time.perf_counter() - t0) / steps, 5)})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="train,torch,infer,targets,post",
+                   help="comma-separated subset of train,torch,infer,targets,post")
+    p.add_argument("--cases", default="", help="comma-separated train case names to run")
+    p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
+    a = p.parse_args()
+    only = set(a.only.split(","))
+    steps, warmup = (2, 1) if a.quick else (5, 2)
+    peak = matmul_peak()
+    cases = [c for c in TRAIN_CASES if not a.cases or c[0] in a.cases.split(",")]
+    if a.quick:
+        cases = [c for c in cases if c[0] in ("2d_128", "3d_32x64x64")]
+    for name, spatial, batch in cases:
+        big = np.prod(spatial) * batch > 300_000
+        s, w = (2, 1) if big else (steps, warmup)
+        if "train" in only:
+            bench_train(name, spatial, batch, True, s, w, peak)
+        rec = bench_train(name, spatial, batch, False, s, w, peak) \
+            if "train" in only else None
+        if "torch" in only and name in ("2d_128", "3d_32x64x64"):
+            bench_torch(spatial, batch, s, w, rec)
+    if "infer" in only:
+        for name, spatial, batch in INFER_CASES[: 1 if a.quick else None]:
+            bench_infer(name, spatial, batch, 2 if a.quick else steps, 1)
+    if "targets" in only:
+        bench_targets((256, 256), 176, (1.0, 1.0), 20)
+        bench_targets((56, 200, 200), 900, (1.0, 1.0, 1.0), 3 if a.quick else 5)
+    if "post" in only:
+        bench_post(10)
+
+
+if __name__ == "__main__":
+    main()
