@@ -21,7 +21,8 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"],
                   "train (then evaluate), evaluate, or predict on --input.")
 flags.DEFINE_string("input", None, "predict: a folder of images or one PNG/TIFF file.")
 flags.DEFINE_string("output", None, "predict: where results go (default <workdir>/predictions).")
-flags.DEFINE_string("annotations", "", "predict: optional folder of dot CSVs / masks to overlay.")
+flags.DEFINE_string("annotations", "", "predict: optional ground truth: a folder of dot CSVs "
+                    "or masks, or one such file for a single --input file.")
 FLAGS = flags.FLAGS
 
 

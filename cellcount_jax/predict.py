@@ -16,7 +16,7 @@ import tifffile
 from PIL import Image
 
 from cellcount_jax import evaluation, metrics, train
-from cellcount_jax.data import io, read_folder
+from cellcount_jax.data import Split, io, read_annotation, read_folder
 
 
 def normalise_image(image, norm):
@@ -71,17 +71,18 @@ def load_inference_info(workdir):
 
 
 def predict_paths(config, model, params, workdir, inputs, output, annotations=""):
-    """Runs the model on `inputs` (a folder or one PNG/TIFF file), writes to `output`."""
+    """Runs the model on `inputs` (a folder or one PNG/TIFF file), writes to `output`.
+
+    annotations: for a folder, a folder of `<stem>.csv` / mask files; for one file, its dot
+    CSV or mask file. Optional: with it, overlays show the truth and counts.csv scores."""
     info = load_inference_info(workdir)
     ndim = len(config.train.crop)
     if os.path.isdir(inputs):
         split = read_folder(inputs, annotations, ndim)
     elif os.path.isfile(inputs):
-        name = os.path.splitext(os.path.basename(inputs))[0]
-        split = read_folder(os.path.dirname(os.path.abspath(inputs)), "", ndim)
-        keep = [i for i, n in enumerate(split.names) if n == name]
-        split.images, split.dots, split.names = ([getattr(split, k)[i] for i in keep]
-                                                 for k in ("images", "dots", "names"))
+        image = io.read_image(inputs, ndim)
+        dots = read_annotation(annotations, image.shape[:-1], inputs) if annotations else None
+        split = Split([image], [dots], [os.path.splitext(os.path.basename(inputs))[0]])
     else:
         raise ValueError(f"--input {inputs!r} is neither a folder nor a file")
     os.makedirs(output, exist_ok=True)

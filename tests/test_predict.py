@@ -50,8 +50,10 @@ def test_folder_train_then_predict(tmp_path):
         assert {"y", "x", "y_physical", "x_physical", "density"} <= set(det[0])
     # A single file works too.
     launch(f"--workdir={wd}", "--mode=predict", f"--input={os.path.join(new_img, 'im1.png')}",
-           f"--output={out}/one", *overrides)
-    assert os.path.exists(os.path.join(out, "one", "im1_density.tif"))
+           f"--annotations={os.path.join(new_dots, 'im1.csv')}", f"--output={out}/one",
+           *overrides)
+    one = list(csv.DictReader(open(os.path.join(out, "one", "counts.csv"))))
+    assert [r["name"] for r in one] == ["im1"] and one[0]["true_count"] == rows[1]["true_count"]
 
 
 def test_local_maxima_by_hand():

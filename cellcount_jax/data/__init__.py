@@ -60,6 +60,21 @@ def _vgg(cfg):
             Split([read(i) for i in test], [dots(i) for i in test], [name(i) for i in test]))
 
 
+def read_annotation(path: str, shape, image_path: str = "the image"):
+    """Dots (n, ndim) of an image of spatial `shape` from a dot CSV or a label/binary mask."""
+    ndim = len(shape)
+    if path.lower().endswith(".csv"):
+        d = io.read_dots_csv(path, ndim)
+    else:
+        mask = io.read_image(path, ndim)[..., 0]
+        if mask.shape != tuple(shape):
+            raise ValueError(f"{path}: mask shape {mask.shape} differs from {image_path} "
+                             f"shape {tuple(shape)}")
+        d = io.dots_from_mask(mask)
+    check_dots(d, shape, path)
+    return d
+
+
 def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None):
     """Images of a folder and their annotations, matched by file stem.
 
@@ -88,18 +103,7 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
         stem = os.path.splitext(f)[0]
         path = os.path.join(images_dir, f)
         image = io.read_image(path, ndim, channels)
-        d = None
-        if stem in ann:
-            a = ann[stem]
-            if a.lower().endswith(".csv"):
-                d = io.read_dots_csv(a, ndim)
-            else:
-                mask = io.read_image(a, ndim)[..., 0]
-                if mask.shape != image.shape[:-1]:
-                    raise ValueError(f"{a}: mask shape {mask.shape} differs from image "
-                                     f"{path} shape {image.shape[:-1]}")
-                d = io.dots_from_mask(mask)
-            check_dots(d, image.shape[:-1], a)
+        d = read_annotation(ann[stem], image.shape[:-1], path) if stem in ann else None
         images.append(image)
         dots.append(d)
         names.append(stem)
