@@ -127,3 +127,32 @@ def test_vgg_dots_count_red_pixels():
 def test_qcanet_masks_give_the_nuclei_counts():
     s = read_folder(os.path.join(QCANET, "images_raw"), os.path.join(QCANET, "images_ndn"), 3)
     assert [len(d) for d in s.dots] == [16, 8]  # 16_cell_stage, 8_cell_stage
+
+
+def folder_config(img, ann, **kw):
+    from conftest import load_config
+    c = load_config()
+    c.data.source, c.data.images, c.data.annotations = "folder", img, ann
+    c.data.ndim = kw.get("ndim", 2)
+    c.data.test_names = kw.get("test_names", ())
+    return c
+
+
+def test_folder_load_errors(tmp_path):
+    from cellcount_jax import data
+    img = tmp_path / "images"
+    img.mkdir()
+    write_png(str(img / "a.png"), np.zeros((16, 16), np.uint8))
+    write_png(str(img / "b.png"), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="different channel counts"):
+        data.load(folder_config(str(img), ""))
+    os.remove(img / "b.png")
+    with pytest.raises(ValueError, match="no labeled training images"):
+        data.load(folder_config(str(img), "", test_names=()))
+    with pytest.raises(ValueError, match="test_names.*'zz'"):
+        data.load(folder_config(str(img), "", test_names=("zz",)))
+    c = folder_config(str(img), "")
+    c.data.source = "vgg"
+    c.data.path = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="VGG cells folder"):
+        data.load(c)

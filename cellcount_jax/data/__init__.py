@@ -165,6 +165,8 @@ def load(config):
     t = config.target
     spacing = tuple(float(s) for s in cfg.spacing)
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)
+    # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
+                    rotate=spacing[-1] == spacing[-2],
                     standardise_crops=cfg.normalise == "minmax", names=labeled.names)
     return {"train": train, "test": test, "spacing": spacing, "normalisation": norm}
