@@ -106,3 +106,16 @@ def test_make_target_fn_scales_and_rejects_unknown_kind():
     assert float(fn(np.array([[4.0, 4.0]]), 1)[4, 4]) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="target.kind"):
         targets.make_target_fn("disk", (16, 16))
+
+
+@pytest.mark.parametrize("shape,n,spacing", [((20, 50, 40), 1, (2.5, 1.0, 1.0)),
+                                             ((9, 31, 70), 3, (1.0, 0.7, 1.3)),
+                                             ((30, 30, 30), 400, (1.0, 1.0, 1.0))])
+def test_distance_bound_covers_every_pixel(shape, n, spacing):
+    rng = np.random.default_rng(n)
+    dots = np.stack([rng.integers(0, s, n) for s in shape], 1).astype(np.float32)
+    seeds = np.ones(shape, bool)
+    seeds[tuple(dots.astype(int).T)] = False
+    true_max = ndimage.distance_transform_edt(seeds, sampling=spacing).max() ** 2
+    bound = float(targets.distance_bound(padded(dots), n, shape, spacing))
+    assert true_max <= bound <= (np.sqrt(true_max) + 2 * np.linalg.norm(8 * np.array(spacing))) ** 2
