@@ -87,11 +87,12 @@ def _min_plus_lines(f, step, bound):
     return jax.lax.while_loop(cond, body, (jnp.int32(1), f))[1]
 
 
-def _min_plus_along(f, axis, step, bound=_BIG, chunk_elements: int = 1 << 14):
+def _min_plus_along(f, axis, step, bound=_BIG, post=None, chunk_elements: int = 1 << 14):
     """One separable pass of the exact EDT along `axis`, in cache-sized groups of lines.
 
     Each group stops on its own, so sparse regions cost sweeps only where they are sparse,
-    and memory stays O(size of f).
+    and memory stays O(size of f). `post` is applied to each group's result while it is
+    still in cache (an elementwise function of the squared distance).
     """
     f = jnp.moveaxis(f, axis, 0)
     shape = f.shape
@@ -103,7 +104,8 @@ def _min_plus_along(f, axis, step, bound=_BIG, chunk_elements: int = 1 << 14):
     # Extra lines are zeros: they end their group's loop at once and are dropped.
     lines = jnp.pad(lines, ((0, 0), (0, groups * per - m)))
     chunks = lines.reshape(n, groups, per).transpose(1, 0, 2)
-    out = jax.lax.map(lambda c: _min_plus_lines(c, step, bound), chunks)
+    post = post or (lambda d: d)
+    out = jax.lax.map(lambda c: post(_min_plus_lines(c, step, bound)), chunks)
     out = out.transpose(1, 0, 2).reshape(n, -1)[:, :m]
     return jnp.moveaxis(out.reshape(shape), 0, axis)
 
@@ -142,19 +144,21 @@ def distance_bound(dots, num_dots, shape, spacing, cell: int = 8, chunk: int = 1
     return (jnp.sqrt(jnp.max(best)) + diagonal) ** 2
 
 
-def squared_distance(seeds, spacing: Optional[Sequence[float]] = None, bound=_BIG):
+def squared_distance(seeds, spacing: Optional[Sequence[float]] = None, bound=_BIG, post=None):
     """Exact squared Euclidean distance from each pixel to the nearest True pixel of `seeds`.
 
     The separable algorithm (1D distances along the last axis, then min-plus passes along the
     others) is exact; pixels of an image without seeds get 1e20. Same as
     `scipy.ndimage.distance_transform_edt(~seeds, sampling=spacing) ** 2`. `bound`, an upper
-    bound of every squared distance (`distance_bound`), lets the passes stop earlier.
+    bound of every squared distance (`distance_bound`), lets the passes stop earlier. `post`,
+    an elementwise function, is applied to the result inside the last pass.
     """
     spacing = _spacing(spacing, seeds.ndim)
     d = _nearest_along_last_axis(seeds, spacing[-1])
+    last = seeds.ndim - 2
     for axis in range(seeds.ndim - 1):
-        d = _min_plus_along(d, axis, spacing[axis], bound)
-    return d
+        d = _min_plus_along(d, axis, spacing[axis], bound, post if axis == last else None)
+    return post(d) if post and seeds.ndim == 1 else d
 
 
 def inverse_distance_kernel(distance, c: float = 1.0):
@@ -175,7 +179,8 @@ def inverse_distance(dots, num_dots, shape: Sequence[int], spacing=None, cutoff:
     seeds = rasterize(dots, num_dots, shape) > 0
     # In 2D the one min-plus pass stops early enough on its own; the bound pays off in 3D.
     bound = distance_bound(dots, num_dots, shape, spacing) if len(shape) > 2 else _BIG
-    m = inverse_distance_kernel(jnp.sqrt(squared_distance(seeds, spacing, bound)))
+    m = squared_distance(seeds, spacing, bound,
+                         post=lambda d2: inverse_distance_kernel(jnp.sqrt(d2)))
     if cutoff > 0:
         m = jnp.where(m < cutoff, 0.0, m)
     return jnp.where(num_dots > 0, m, 0.0)
