@@ -7,7 +7,7 @@ pure function of `(params, x)`, plus a `'dropout'` rng when attention dropout is
 The encoder and the decoder are callable on their own (`SAUNet.encode`, `SAUNet.decode`) so
 that a train step can perturb encoder features between them (the paper's student branch).
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,9 +16,10 @@ import jax.numpy as jnp
 LEVELS = 4
 
 
-def _norm(name=None):
-    # eps as the reference implementation; scale and bias learned per channel.
-    return nn.InstanceNorm(epsilon=1e-6, name=name)
+def _norm(dtype, name=None):
+    # eps as the reference implementation; scale and bias learned per channel. Statistics are
+    # computed in float32 whatever the compute dtype.
+    return nn.InstanceNorm(epsilon=1e-6, dtype=dtype, name=name)
 
 
 def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS - 1)):
@@ -35,38 +36,44 @@ def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS 
 class Block(nn.Module):
     """Two times [3x3(x3) conv with bias, SAME -> ReLU -> InstanceNorm] (activation before norm)."""
     features: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         k = (3,) * (x.ndim - 2)
         for _ in range(2):
-            x = _norm()(nn.relu(nn.Conv(self.features, k, padding="SAME")(x)))
+            x = _norm(self.dtype)(nn.relu(nn.Conv(self.features, k, padding="SAME",
+                                                  dtype=self.dtype)(x)))
         return x
 
 
 class SelfAttention(nn.Module):
     """Non-local block at full width, no 1/sqrt(d) scaling, residual output t + x."""
     dropout: float = 0.3
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         b, c = x.shape[0], x.shape[-1]
         ndim = x.ndim - 2
         flat = lambda t: t.reshape(b, -1, c)
-        theta = flat(nn.Dense(c, name="theta")(x))
-        phi = flat(nn.Dense(c, name="phi")(x))
-        g = flat(nn.Dense(c, name="g")(x))
-        a = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", theta, phi), axis=-1)
+        dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, name=name, **kw)
+        theta = flat(dense("theta")(x))
+        phi = flat(dense("phi")(x))
+        g = flat(dense("g")(x))
+        logits = jnp.einsum("bqc,bkc->bqk", theta, phi).astype(jnp.float32)
+        a = jax.nn.softmax(logits, axis=-1).astype(g.dtype)
         a = nn.Dropout(self.dropout, deterministic=not train)(a)
         t = jnp.einsum("bqk,bkc->bqc", a, g).reshape(x.shape)
         # The reference uses a bias on this projection in 3D only.
-        t = nn.Dense(c, use_bias=(ndim == 3), name="out")(t)
-        return x + _norm("out_norm")(nn.relu(t))
+        t = dense("out", use_bias=(ndim == 3))(t)
+        return x + _norm(self.dtype, "out_norm")(nn.relu(t))
 
 
 class Encoder(nn.Module):
     features: int = 32
     dropout: float = 0.3
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -74,16 +81,17 @@ class Encoder(nn.Module):
         check_spatial(x.shape, ndim)
         skips = []
         for level in range(LEVELS - 1):
-            x = Block(self.features * 2 ** level, name=f"down{level}")(x)
+            x = Block(self.features * 2 ** level, self.dtype, name=f"down{level}")(x)
             skips.append(x)
             x = nn.max_pool(x, (2,) * ndim, strides=(2,) * ndim)
-        x = Block(self.features * 2 ** (LEVELS - 1), name="bottom")(x)
-        x = SelfAttention(self.dropout, name="attention")(x, train)
+        x = Block(self.features * 2 ** (LEVELS - 1), self.dtype, name="bottom")(x)
+        x = SelfAttention(self.dropout, self.dtype, name="attention")(x, train)
         return tuple(skips) + (x,)
 
 
 class Decoder(nn.Module):
     features: int = 32
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, feats):
@@ -92,24 +100,29 @@ class Decoder(nn.Module):
         for level in reversed(range(LEVELS - 1)):
             f = self.features * 2 ** level
             x = nn.ConvTranspose(f, (2,) * ndim, strides=(2,) * ndim, padding="VALID",
-                                 name=f"up{level}")(x)
-            x = _norm(f"up_norm{level}")(nn.relu(x))
-            x = Block(f, name=f"dec{level}")(jnp.concatenate([skips[level], x], axis=-1))
-        return nn.relu(nn.Conv(1, (1,) * ndim, name="head")(x))[..., 0]
+                                 dtype=self.dtype, name=f"up{level}")(x)
+            x = _norm(self.dtype, f"up_norm{level}")(nn.relu(x))
+            x = Block(f, self.dtype, name=f"dec{level}")(
+                jnp.concatenate([skips[level], x], axis=-1))
+        y = nn.Conv(1, (1,) * ndim, dtype=self.dtype, name="head")(x)
+        return nn.relu(y)[..., 0].astype(jnp.float32)
 
 
 class SAUNet(nn.Module):
     """SAU-Net with `features` channels at the first level (f, 2f, 4f, 8f over 4 levels).
 
     `__call__(x, train)`: x (batch, [z,] y, x, channels) -> density (batch, [z,] y, x), >= 0.
-    Spatial sizes must be multiples of 8.
+    Spatial sizes must be multiples of 8. dtype: the compute dtype (e.g. bfloat16 on
+    accelerators); parameters stay float32, norms and softmax compute in float32, the
+    density comes back as float32.
     """
     features: int = 32
     dropout: float = 0.3
+    dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.features, self.dropout)
-        self.decoder = Decoder(self.features)
+        self.encoder = Encoder(self.features, self.dropout, self.dtype)
+        self.decoder = Decoder(self.features, self.dtype)
 
     def encode(self, x, train: bool = False):
         """Returns (skip0, skip1, skip2, bottleneck): the features a student branch perturbs."""

@@ -19,7 +19,14 @@ AXIS = "batch"
 
 
 def create_model(config):
-    return models.SAUNet(features=config.model.features, dropout=config.model.dropout)
+    """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 (accelerators),
+    with float32 parameters and optimizer state."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.model.dtype not in dtypes:
+        raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
+                         f"got {config.model.dtype!r}")
+    return models.SAUNet(features=config.model.features, dropout=config.model.dropout,
+                         dtype=dtypes[config.model.dtype])
 
 
 def create_train_state(config, model, tx, rng, input_shape):

@@ -132,3 +132,27 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert os.path.exists(os.path.join(resumed, "eval.json"))
+
+
+def test_bfloat16_compute_trains_with_float32_parameters():
+    c = tiny_config()
+    c.model.dtype = "bfloat16"
+    model = train.create_model(c)
+    tx, lr_fn = optim.create_optimizer(c.optim, 30)
+    state = train.create_train_state(c, model, tx, jax.random.key(0), (1, 16, 16, 3))
+    par = train.Parallel(train.make_train_step(c, model, tx, lr_fn), "pmap", jax.devices()[:1])
+    s = par.put_state(state)
+    batch = random_batch(4)
+    batch["target"] = np.zeros_like(batch["target"])
+    batch["target"][:, 4:8, 4:8] = 1.0
+    losses_seen = []
+    for _ in range(30):
+        s, m = par(s, batch, jax.random.key(0))
+        losses_seen.append(float(m["supervised"]))
+    assert np.isfinite(losses_seen).all() and losses_seen[-1] < 0.5 * losses_seen[0]
+    out = par.get_state(s)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(out["params"]))
+    feats = model.apply({"params": out["params"]}, jnp.zeros((1, 16, 16, 3)),
+                        method=models.SAUNet.encode)
+    assert feats[0].dtype == jnp.bfloat16
+    assert model.apply({"params": out["params"]}, jnp.zeros((1, 16, 16, 3))).dtype == jnp.float32
