@@ -20,7 +20,7 @@ def get_config():
     c.ssl.enabled = False
     c.train.crop = (24, 64, 64)
     c.train.batch = 2
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.checkpoint_every = 200
     c.eval.radius = 8.0           # nuclei are ~9 pixels in radius
     c.eval.extra_radii = (5.0, 12.0)

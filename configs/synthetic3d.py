@@ -27,7 +27,7 @@ def get_config():
     c.train.crop = (16, 64, 64)
     c.train.batch = 1
     c.train.unlabeled_batch = 2
-    c.train.steps = 1000
+    c.train.steps = 500
     c.train.checkpoint_every = 250
     c.eval.radius = 4.0           # physical units (xy pixels)
     c.eval.extra_radii = (2.0, 6.0)
