@@ -1,8 +1,9 @@
 """Evaluation on held-out images: density -> counts and detections -> MAE, precision/recall/F1.
 
 Two count readouts:
-- detections: `eval.detector` = 'components' (threshold, connected components, centroids)
-  or 'peaks' (local maxima above the threshold); the count is the number of detections;
+- detections: `eval.detector` = 'components' (threshold, connected components, centroids),
+  'peaks' (local maxima above the threshold) or 'auto' (whichever does better on the labeled
+  training images); the count is the number of detections;
 - integration: sum of the density divided by the mean target mass per dot measured on the
   labeled training targets (for Gaussian maps this is ~target_scale, the classic readout).
 The detection threshold is the candidate with the best F1 on the labeled training images,
@@ -48,17 +49,20 @@ def detect(density, threshold, detector="components", min_size=1):
     raise ValueError(f"config.eval.detector must be 'components' or 'peaks', got {detector!r}")
 
 
-def calibrate_threshold(maps, dots, candidates, radius, spacing=None, detector="components",
-                        min_size=1):
-    """The candidate threshold with the best pooled F1 (then lowest MAE) on (maps, dots)."""
+def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1):
+    """(detector, threshold) with the best pooled F1 (then lowest MAE) on (maps, dots).
+
+    detector 'auto' tries 'components' and 'peaks'; the data are the labeled training images.
+    """
     best = None
-    for t in candidates:
-        preds = [detect(m, t, detector, min_size) for m in maps]
-        r = metrics.evaluate_points(preds, dots, radius, spacing)
-        key = (r["f1"], -r["mae"])
-        if best is None or key > best[0]:
-            best = (key, float(t))
-    return best[1]
+    for det in (("components", "peaks") if detector == "auto" else (detector,)):
+        for t in candidates:
+            preds = [detect(m, t, det, min_size) for m in maps]
+            r = metrics.evaluate_points(preds, dots, radius, spacing)
+            key = (r["f1"], -r["mae"])
+            if best is None or key > best[0]:
+                best = (key, det, float(t))
+    return best[1], best[2]
 
 
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
@@ -100,22 +104,24 @@ def evaluate(config, model, params, splits, workdir=None):
     # distance maps, the height of one Gaussian for density maps).
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
-    thr = calibrate_threshold(train_maps, train.dots, candidates, radii[0], spacing, ev.detector,
-                              ev.min_size)
+    detector, thr = calibrate(train_maps, train.dots, candidates, radii[0], spacing,
+                              ev.detector, ev.min_size)
     mass = sum(float(t.sum()) for t in train.targets) / max(sum(len(d) for d in train.dots), 1)
-    model_scores, preds, rows = score(test_maps, test.dots, thr, radii, spacing, ev.detector,
+    model_scores, preds, rows = score(test_maps, test.dots, thr, radii, spacing, detector,
                                       ev.min_size, mass)
+    model_scores["detector"] = detector
     summary = {"model": model_scores}
 
     raw = lambda ims: [im.mean(-1) for im in ims]
     train_raw = raw(train.images)
     raw_candidates = np.quantile(np.concatenate([r.ravel() for r in train_raw]),
                                  np.linspace(0.3, 0.995, 40))
-    raw_thr = calibrate_threshold(train_raw, train.dots, raw_candidates, radii[0], spacing,
-                                  "components", ev.min_size)
+    raw_det, raw_thr = calibrate(train_raw, train.dots, raw_candidates, radii[0], spacing,
+                                 ev.detector, ev.min_size)
     summary["raw_threshold"] = score(raw(test.images), test.dots, raw_thr, radii, spacing,
-                                     "components", ev.min_size)[0]
-    summary.update(num_test_images=len(test.images), radius=radii[0], detector=ev.detector,
+                                     raw_det, ev.min_size)[0]
+    summary["raw_threshold"]["detector"] = raw_det
+    summary.update(num_test_images=len(test.images), radius=radii[0], detector=detector,
                    mass_per_dot=mass)
     print(format_table(summary), flush=True)
     if workdir:
@@ -124,7 +130,7 @@ def evaluate(config, model, params, splits, workdir=None):
             json.dump(summary, f, indent=2)
         with open(os.path.join(workdir, "inference.json"), "w") as f:
             json.dump({"normalisation": splits["normalisation"], "threshold": thr,
-                       "detector": ev.detector, "min_size": ev.min_size, "spacing": spacing,
+                       "detector": detector, "min_size": ev.min_size, "spacing": spacing,
                        "mass_per_dot": mass, "radius": radii[0],
                        "channels": int(train.images[0].shape[-1])}, f, indent=2)
         with open(os.path.join(workdir, "eval_per_image.csv"), "w", newline="") as f:

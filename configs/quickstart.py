@@ -80,7 +80,8 @@ def get_config():
     c.eval = ml_collections.ConfigDict()
     c.eval.radius = 5.0             # headline match radius, physical units
     c.eval.extra_radii = (3.0, 8.0)
-    c.eval.detector = "components"  # or 'peaks' (local maxima)
+    c.eval.detector = "auto"        # 'components', 'peaks' (local maxima), or 'auto': the
+                                    # better of the two on the labeled training images
     c.eval.min_size = 1
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
