@@ -99,21 +99,27 @@ def test_two_devices_give_the_same_update_as_one():
     assert min(r["update_size"]) > 1e-3  # the steps really moved the parameters
 
 
-def test_training_reduces_the_loss():
-    c = tiny_config()
-    model = train.create_model(c)
-    tx, lr_fn = optim.create_optimizer(c.optim, 30)
-    state = train.create_train_state(c, model, tx, jax.random.key(0), (1, 16, 16, 3))
-    par = train.Parallel(train.make_train_step(c, model, tx, lr_fn), "pmap", jax.devices()[:1])
+def fit_square(config, steps=30, seed=3):
+    """Trains on one batch whose target is a bright square: (supervised losses, model, state)."""
+    model = train.create_model(config)
+    tx, lr_fn = optim.create_optimizer(config.optim, steps)
+    state = train.create_train_state(config, model, tx, jax.random.key(0), (1, 16, 16, 3))
+    par = train.Parallel(train.make_train_step(config, model, tx, lr_fn), "pmap",
+                         jax.devices()[:1])
     s = par.put_state(state)
-    batch = random_batch(3)
+    batch = random_batch(seed)
     batch["target"] = np.zeros_like(batch["target"])
     batch["target"][:, 4:8, 4:8] = 1.0
-    first = None
-    for _ in range(30):
+    seen = []
+    for _ in range(steps):
         s, m = par(s, batch, jax.random.key(0))
-        first = float(m["supervised"]) if first is None else first
-    assert float(m["supervised"]) < 0.5 * first
+        seen.append(float(m["supervised"]))
+    return seen, model, par.get_state(s)
+
+
+def test_training_reduces_the_loss():
+    seen, _, _ = fit_square(tiny_config())
+    assert seen[-1] < 0.5 * seen[0]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -137,20 +143,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 def test_bfloat16_compute_trains_with_float32_parameters():
     c = tiny_config()
     c.model.dtype = "bfloat16"
-    model = train.create_model(c)
-    tx, lr_fn = optim.create_optimizer(c.optim, 30)
-    state = train.create_train_state(c, model, tx, jax.random.key(0), (1, 16, 16, 3))
-    par = train.Parallel(train.make_train_step(c, model, tx, lr_fn), "pmap", jax.devices()[:1])
-    s = par.put_state(state)
-    batch = random_batch(4)
-    batch["target"] = np.zeros_like(batch["target"])
-    batch["target"][:, 4:8, 4:8] = 1.0
-    losses_seen = []
-    for _ in range(30):
-        s, m = par(s, batch, jax.random.key(0))
-        losses_seen.append(float(m["supervised"]))
-    assert np.isfinite(losses_seen).all() and losses_seen[-1] < 0.5 * losses_seen[0]
-    out = par.get_state(s)
+    seen, model, out = fit_square(c, seed=4)
+    assert np.isfinite(seen).all() and seen[-1] < 0.5 * seen[0]
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(out["params"]))
     feats = model.apply({"params": out["params"]}, jnp.zeros((1, 16, 16, 3)),
                         method=models.SAUNet.encode)
