@@ -20,6 +20,7 @@ from cellcount_jax.data import Split, io, read_annotation, read_folder
 
 
 def normalise_image(image, norm):
+    image = image * norm.get("input_scale", 1.0)
     if norm["mode"] == "channel_stats":
         return ((image - np.asarray(norm["mean"])) / np.asarray(norm["std"])).astype(np.float32)
     return ((image - image.min()) / max(float(image.max() - image.min()), 1e-12)).astype(np.float32)

@@ -162,6 +162,8 @@ def load(config):
     if not test.images:
         raise ValueError(f"config.data: no test images ({cfg.source})")
     norm = normalise(cfg, labeled, unlabeled, test)
+    # What the loader did before normalising (VGG: /255), for images read by `predict`.
+    norm["input_scale"] = 1.0 / 255.0 if cfg.source == "vgg" else 1.0
     t = config.target
     spacing = tuple(float(s) for s in cfg.spacing)
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)
