@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # everything
     python benchmarks/run.py --only=train,targets --quick
+    python benchmarks/run.py --quick --impls=xla,cpu   # native XLA vs the CPU formulation
 
 Measures, after compilation (compile time reported separately) and with
 `block_until_ready`: the SSL and supervised train steps, inference, the target generator
@@ -84,9 +85,10 @@ def matmul_peak(n=2048, steps=10):
     return rate
 
 
-def bench_train(name, spatial, batch, ssl, steps, warmup, peak, features=32):
+def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=32):
     c = quickstart.get_config()
     c.model.features = features
+    c.model.impl = impl
     c.ssl.enabled = ssl
     ch = 3 if len(spatial) == 2 else 1
     model = train.create_model(c)
@@ -97,7 +99,8 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, features=32):
          "target": rng.uniform(size=(batch, *spatial)).astype(np.float32)}
     if ssl:
         b["unlabeled"] = rng.normal(size=(batch, *spatial, ch)).astype(np.float32)
-    par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1])
+    par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1],
+                         compiler_options=models.compiler_options(model.impl))
     dstate, dbatch, key = par.put_state(state), par.put_batch(b), jax.random.key(1)
     t0 = time.perf_counter()
     compiled = par.fn.lower(dstate, dbatch, key).compile()
@@ -117,7 +120,7 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, features=32):
     dt = timed(call, (), steps, warmup)
     images = batch * (2 if ssl else 1)
     rec = {"name": f"train_{'ssl' if ssl else 'supervised'}_{name}", **device_info(),
-           "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
+           "impl": model.impl, "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
            "features": features, "compile_s": round(compile_s, 2),
            "step_s": round(dt, 4), "steps_per_s": round(1 / dt, 3),
            "images_per_s": round(images / dt, 3), "flops_per_step": flops,
@@ -169,18 +172,18 @@ def bench_torch(spatial, batch, steps, warmup, jax_rec):
     emit(rec)
 
 
-def bench_infer(name, spatial, batch, steps, warmup):
+def bench_infer(name, spatial, batch, steps, warmup, impl):
     ch = 3 if len(spatial) == 2 else 1
-    model = models.SAUNet(32)
+    model = models.SAUNet(32, impl=models.resolve_impl(impl))
     params = models.init_params(model, jax.random.key(0), (1, *spatial, ch))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *spatial, ch)), jnp.float32)
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    fn = models.jit(lambda p, x: model.apply({"params": p}, x), model.impl)
     t0 = time.perf_counter()
     compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - t0
     flops = flops_of(compiled)
     dt = timed(compiled, (params, x), steps, warmup)
-    emit({"name": f"infer_{name}", **device_info(), "spatial": list(spatial), "batch": batch,
+    emit({"name": f"infer_{name}", **device_info(), "impl": model.impl, "spatial": list(spatial), "batch": batch,
           "compile_s": round(compile_s, 2), "step_s": round(dt, 4),
           "images_per_s": round(batch / dt, 3), "flops_per_s": flops / dt})
 
@@ -235,7 +238,10 @@ def main():
                    help="comma-separated subset of train,torch,infer,targets,post")
     p.add_argument("--cases", default="", help="comma-separated train case names to run")
     p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
+    p.add_argument("--impls", default="auto",
+                   help="comma-separated model impls to time (auto, xla, cpu), e.g. xla,cpu")
     a = p.parse_args()
+    impls = a.impls.split(",")
     only = set(a.only.split(","))
     steps, warmup = (2, 1) if a.quick else (5, 2)
     peak = matmul_peak()
@@ -245,15 +251,16 @@ def main():
     for name, spatial, batch in cases:
         big = np.prod(spatial) * batch > 300_000
         s, w = (2, 1) if big else (steps, warmup)
-        if "train" in only:
-            bench_train(name, spatial, batch, True, s, w, peak)
-        rec = bench_train(name, spatial, batch, False, s, w, peak) \
-            if "train" in only else None
+        rec = None
+        for impl in impls if "train" in only else ():
+            bench_train(name, spatial, batch, True, s, w, peak, impl)
+            rec = bench_train(name, spatial, batch, False, s, w, peak, impl)
         if "torch" in only and name in ("2d_128", "3d_32x64x64"):
-            bench_torch(spatial, batch, s, w, rec)
+            bench_torch(spatial, batch, s, w, rec)  # ratio against the last impl timed
     if "infer" in only:
         for name, spatial, batch in INFER_CASES[: 1 if a.quick else None]:
-            bench_infer(name, spatial, batch, 2 if a.quick else steps, 1)
+            for impl in impls:
+                bench_infer(name, spatial, batch, 2 if a.quick else steps, 1, impl)
     if "targets" in only:
         bench_targets((256, 256), 176, (1.0, 1.0), 20)
         bench_targets((56, 200, 200), 900, (1.0, 1.0, 1.0), 3 if a.quick else 5)

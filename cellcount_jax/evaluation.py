@@ -14,12 +14,10 @@ import csv
 import json
 import os
 
-import jax
 import numpy as np
 
-from cellcount_jax import metrics, postprocess
+from cellcount_jax import metrics, models, postprocess
 from cellcount_jax.data.dataset import standardise
-from cellcount_jax.models import LEVELS
 
 
 def make_predict_fn(model, standardise_input: bool = False):
@@ -27,8 +25,9 @@ def make_predict_fn(model, standardise_input: bool = False):
 
     Images of any size: edges are reflect-padded to a multiple of 8 and cropped back.
     """
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x[None], train=False)[0])
-    m = 2 ** (LEVELS - 1)
+    fn = models.jit(lambda p, x: model.apply({"params": p}, x[None], train=False)[0],
+                    model.impl)
+    m = 2 ** (models.LEVELS - 1)
 
     def predict(params, image):
         if standardise_input:

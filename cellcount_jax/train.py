@@ -20,13 +20,15 @@ AXIS = "batch"
 
 def create_model(config):
     """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 (accelerators),
-    with float32 parameters and optimizer state."""
+    with float32 parameters and optimizer state; `model.impl` ('auto' | 'xla' | 'cpu') picks
+    the convolution formulation, resolved here for the current backend."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.model.dtype not in dtypes:
         raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
                          f"got {config.model.dtype!r}")
     return models.SAUNet(features=config.model.features, dropout=config.model.dropout,
-                         dtype=dtypes[config.model.dtype])
+                         dtype=dtypes[config.model.dtype],
+                         impl=models.resolve_impl(config.model.get("impl", "auto")))
 
 
 def create_train_state(config, model, tx, rng, input_shape):
@@ -115,25 +117,37 @@ class Parallel:
 
     `put_state` / `get_state` move a host state to the devices and back; `put_batch` splits a
     global batch (leading axis divisible by the device count) across them.
+    compiler_options: XLA options for compiling the step (`models.compiler_options`).
     """
 
-    def __init__(self, step, mode: str = "pmap", devices=None):
+    def __init__(self, step, mode: str = "pmap", devices=None, compiler_options=None):
         self.devices = list(devices or jax.local_devices())
         self.mode = mode
+        self.options = compiler_options
+        self.compiled = None
         n = len(self.devices)
         if mode == "pmap":
-            self.fn = jax.pmap(step, AXIS, in_axes=(0, 0, None), devices=self.devices,
-                               donate_argnums=(0,))
+            self.pmapped = jax.pmap(step, AXIS, in_axes=(0, 0, None), devices=self.devices,
+                                    donate_argnums=(0,))
+            self.fn = self.run_pmap
         elif mode == "shard_map":
             self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
             # check_vma=False keeps per-device gradients of the replicated parameters local
             # (as under pmap), so the body's own pmean is the only reduction.
             body = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
                                  out_specs=(P(), P()), check_vma=False)
-            self.fn = jax.jit(body, donate_argnums=(0,))
+            self.fn = jax.jit(body, donate_argnums=(0,), compiler_options=compiler_options)
         else:
             raise ValueError(f"config.train.parallel must be 'pmap' or 'shard_map', got {mode!r}")
         self.n = n
+
+    def run_pmap(self, *args):
+        # pmap takes no compiler options itself: compile once (shapes are static) with them.
+        if self.options is None:
+            return self.pmapped(*args)
+        if self.compiled is None:
+            self.compiled = self.pmapped.lower(*args).compile(compiler_options=self.options)
+        return self.compiled(*args)
 
     def put_state(self, state):
         # Copies from host memory: the step donates its input state, the caller keeps theirs.
@@ -195,7 +209,8 @@ def train_and_evaluate(config, workdir: str):
 
     unlabeled_batch = config.train.unlabeled_batch if config.ssl.enabled else 0
     step_fn = make_train_step(config, model, tx, lr_fn)
-    par = Parallel(step_fn, config.train.parallel)
+    par = Parallel(step_fn, config.train.parallel,
+                   compiler_options=models.compiler_options(model.impl))
     dstate = par.put_state(state)
     step_key = jax.random.fold_in(rng, 1)
     t0, t_log = time.perf_counter(), time.perf_counter()
