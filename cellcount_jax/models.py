@@ -10,12 +10,13 @@ that a train step can perturb encoder features between them (the paper's student
 `impl` picks how the convolutions are expressed, with the same parameters and the same values:
 - 'xla': `lax` convolutions as written (3D kernels, transposed convolutions), what XLA's
   GPU/TPU backends optimise best;
-- 'cpu': a 3x3x3 convolution as a sum of three 2D convolutions over its z taps (z folded into
-  the batch), a 2x2(x2) stride-2 transposed convolution as one matrix product + depth-to-space,
-  and `compiler_options(impl)` for every jit of the model, which routes XLA:CPU's convolutions
-  to its Eigen kernels instead of the YNNPACK fusions (their weight gradient, a convolution
-  with an image-sized kernel, runs at a tenth of the forward's speed). 3-4x faster training
-  on CPU; see the README's Performance section.
+- 'cpu': a 3x3x3 convolution as one 2D convolution (z folded into the batch, the z taps into
+  the channels), 2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed
+  convolution as one matrix product + depth-to-space, and `compiler_options(impl)` for every
+  jit of the model, which routes XLA:CPU's convolutions to its Eigen kernels instead of the
+  YNNPACK fusions (whose weight gradient, a convolution with an image-sized kernel, runs at a
+  fifth of the forward's speed). 3-4x faster training on CPU; see the README's Performance
+  section.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 """
 from typing import Any, Sequence
@@ -53,25 +54,23 @@ def jit(fn, impl: str, **kwargs):
 
 def conv_z_as_batch(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, precision=None, **unused):
-    """`lax.conv_general_dilated` for NDHWC x DHWIO, stride 1, undilated: the sum over the
-    kernel's z taps of 2D convolutions of z-shifted inputs, with z folded into the batch."""
+    """`lax.conv_general_dilated` for NDHWC x DHWIO, stride 1, undilated, as one 2D
+    convolution: z folded into the batch, the kernel's z taps into the input channels (the
+    input stacked with its z-shifted copies), the kernel reshaped to (y, x, z * in, out)."""
     assert lhs.ndim == 5 and feature_group_count == 1
     assert all(s == 1 for s in window_strides)
     assert all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
-    kz = rhs.shape[0]
+    kz, ky, kx, cin, cout = rhs.shape
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], (1, 1, 1), padding)
     (z0, z1), pad_yx = padding[0], list(padding[1:])
-    n, d = lhs.shape[:2]
+    n, d, h, w = lhs.shape[:4]
     x = jnp.pad(lhs, ((0, 0), (z0, z1), (0, 0), (0, 0), (0, 0)))
     d_out = d + z0 + z1 - kz + 1
-    y = None
-    for i in range(kz):
-        xi = x[:, i:i + d_out].reshape((n * d_out,) + lhs.shape[2:])
-        yi = lax.conv_general_dilated(xi, rhs[i], (1, 1), pad_yx,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      precision=precision)
-        y = yi if y is None else y + yi
+    x = jnp.concatenate([x[:, i:i + d_out] for i in range(kz)], -1)
+    kernel = jnp.moveaxis(rhs, 0, 2).reshape(ky, kx, kz * cin, cout)
+    y = lax.conv_general_dilated(x.reshape(n * d_out, h, w, kz * cin), kernel, (1, 1), pad_yx,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return y.reshape((n, d_out) + y.shape[1:])
 
 
@@ -93,10 +92,22 @@ def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS 
 
 
 def _conv(features, kernel, impl, dtype, name=None):
-    """nn.Conv, 'SAME'; on the 'cpu' path a 3D kernel runs as z-shifted 2D convolutions."""
+    """nn.Conv, 'SAME'; on the 'cpu' path a 3D kernel runs as one 2D convolution."""
     fold = resolve_impl(impl) == "cpu" and len(kernel) == 3 and kernel[0] > 1
+    conv = conv_z_as_batch if fold else lax.conv_general_dilated
     return nn.Conv(features, kernel, padding="SAME", dtype=dtype, name=name,
-                   conv_general_dilated=conv_z_as_batch if fold else lax.conv_general_dilated)
+                   conv_general_dilated=conv)
+
+
+def max_pool2(x, impl):
+    """2x max pooling, stride 2 (spatial sizes even). On the 'cpu' path a reshape + max,
+    whose gradient is an elementwise mask instead of XLA:CPU's slow select-and-scatter;
+    ties (equal values in a window) then share the gradient instead of the first taking it."""
+    nd = x.ndim - 2
+    if resolve_impl(impl) == "xla":
+        return nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
+    split = [x.shape[0]] + [v for s in x.shape[1:-1] for v in (s // 2, 2)] + [x.shape[-1]]
+    return x.reshape(split).max(axis=tuple(range(2, 2 + 2 * nd, 2)))
 
 
 class UpConv(nn.Module):
@@ -182,7 +193,7 @@ class Encoder(nn.Module):
         for level in range(LEVELS - 1):
             x = Block(self.features * 2 ** level, self.dtype, self.impl, name=f"down{level}")(x)
             skips.append(x)
-            x = nn.max_pool(x, (2,) * ndim, strides=(2,) * ndim)
+            x = max_pool2(x, self.impl)
         x = Block(self.features * 2 ** (LEVELS - 1), self.dtype, self.impl, name="bottom")(x)
         x = SelfAttention(self.dropout, self.dtype, name="attention")(x, train)
         return tuple(skips) + (x,)
