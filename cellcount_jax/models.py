@@ -19,6 +19,7 @@ that a train step can perturb encoder features between them (the paper's student
   section.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -44,7 +45,18 @@ def resolve_impl(impl: str) -> str:
 
 def compiler_options(impl: str):
     """XLA compiler options for jitting a model of this impl (None: XLA's defaults)."""
-    return dict(_CPU_OPTIONS) if resolve_impl(impl) == "cpu" else None
+    options = _cpu_options() if resolve_impl(impl) == "cpu" else None
+    return dict(options) if options else None
+
+
+@functools.cache
+def _cpu_options():
+    # XLA versions without YNNPACK fusions do not know the option (and need none).
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
+    except (RuntimeError, ValueError):
+        return None
+    return _CPU_OPTIONS
 
 
 def jit(fn, impl: str, **kwargs):
