@@ -11,7 +11,8 @@ that a train step can perturb encoder features between them (the paper's student
 - 'xla': `lax` convolutions as written (3D kernels, transposed convolutions), what XLA's
   GPU/TPU backends optimise best;
 - 'cpu': a 3x3x3 convolution as one 2D convolution (z folded into the batch, the z taps into
-  the channels), 2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed
+  the channels), 2D convolutions whose kernel gradient swaps its operands' roles where that
+  moves less data (`conv2d`), 2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed
   convolution as one matrix product + depth-to-space, and `compiler_options(impl)` for every
   jit of the model, which routes XLA:CPU's convolutions to its Eigen kernels instead of the
   YNNPACK fusions (whose weight gradient, a convolution with an image-sized kernel, runs at a
@@ -64,26 +65,105 @@ def jit(fn, impl: str, **kwargs):
     return jax.jit(fn, compiler_options=compiler_options(impl), **kwargs)
 
 
+def _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count):
+    """Explicit ((lo, hi), ...) padding of a stride-1, undilated, ungrouped convolution."""
+    assert feature_group_count == 1 and all(s == 1 for s in window_strides)
+    assert all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
+    nd = lhs.ndim - 2
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:nd], (1,) * nd, padding)
+    return tuple(tuple(p) for p in padding)
+
+
 def conv_z_as_batch(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, precision=None, **unused):
     """`lax.conv_general_dilated` for NDHWC x DHWIO, stride 1, undilated, as one 2D
     convolution: z folded into the batch, the kernel's z taps into the input channels (the
     input stacked with its z-shifted copies), the kernel reshaped to (y, x, z * in, out)."""
-    assert lhs.ndim == 5 and feature_group_count == 1
-    assert all(s == 1 for s in window_strides)
-    assert all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
-    kz, ky, kx, cin, cout = rhs.shape
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], (1, 1, 1), padding)
-    (z0, z1), pad_yx = padding[0], list(padding[1:])
-    n, d, h, w = lhs.shape[:4]
-    x = jnp.pad(lhs, ((0, 0), (z0, z1), (0, 0), (0, 0), (0, 0)))
-    d_out = d + z0 + z1 - kz + 1
-    x = jnp.concatenate([x[:, i:i + d_out] for i in range(kz)], -1)
-    kernel = jnp.moveaxis(rhs, 0, 2).reshape(ky, kx, kz * cin, cout)
-    y = lax.conv_general_dilated(x.reshape(n * d_out, h, w, kz * cin), kernel, (1, 1), pad_yx,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-    return y.reshape((n, d_out) + y.shape[1:])
+    assert lhs.ndim == 5
+    pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+    return conv3d_folded(lhs, rhs, pads, precision)
+
+
+def conv2d_cpu(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for NHWC x HWIO, stride 1, undilated, through `conv2d`."""
+    assert lhs.ndim == 4
+    pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+    return conv2d(lhs, rhs, pads, precision)
+
+
+def _conv2d(x, kernel, padding, precision):
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, precision=precision,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _fold(x, kz, zpad):
+    """(n, d, h, w, c) -> (n * d_out, h, w, kz * c): each output plane's kz input planes."""
+    n, d, h, w, c = x.shape
+    d_out = d + sum(zpad) - kz + 1
+    x = jnp.pad(x, ((0, 0), zpad, (0, 0), (0, 0), (0, 0)))
+    return jnp.concatenate([x[:, i:i + d_out] for i in range(kz)], -1).reshape(n * d_out, h, w, kz * c)
+
+
+def _conv3d_folded(x, kernel, padding, precision):
+    kz, ky, kx, cin, cout = kernel.shape
+    kernel2 = jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
+    y = _conv2d(_fold(x, kz, padding[0]), kernel2, padding[1:], precision)
+    return y.reshape((x.shape[0], -1) + y.shape[1:])
+
+
+def _kernel_grad(x, g, kernel_shape, padding, precision):
+    """d/dkernel of sum(g * _conv2d(x, kernel)). XLA:CPU computes it as a convolution with
+    batch and channels swapped, for which it transposes x to (in, y, x, batch) and g to
+    (y, x, batch, out). Where x has more channels than g, the same sum is taken with the roles
+    swapped, g as the input (batch <- its channels) and x as the kernel, so that the
+    batch-minor transpose is of the smaller of the two:
+    dk[a, b] = sum_{n,i,j} x[n, i, j] g[n, i - a + lo_y, j - b + lo_x]."""
+    if x.shape[-1] <= g.shape[-1]:
+        zeros = jnp.zeros(kernel_shape, x.dtype)
+        return jax.vjp(lambda k: _conv2d(x, k, padding, precision), zeros)[1](g)[0]
+    ky, kx = kernel_shape[:2]
+    (ylo, yhi), (xlo, xhi) = padding
+    pads = ((ky - 1 - ylo, ky - 1 - yhi), (kx - 1 - xlo, kx - 1 - xhi))
+    dk = lax.conv_general_dilated(g, x, (1, 1), pads, precision=precision,
+                                  dimension_numbers=("CHWN", "IHWO", "NHWC"))
+    return jnp.flip(dk, (1, 2)).transpose(1, 2, 3, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, padding, precision=None):
+    """Stride-1 2D convolution, NHWC x HWIO -> NHWC, `padding` ((lo, hi), (lo, hi)): XLA's
+    forward and input gradient, the kernel gradient by `_kernel_grad`."""
+    return _conv2d(x, kernel, padding, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d_folded(x, kernel, padding, precision=None):
+    """Stride-1 3D convolution, NDHWC x DHWIO -> NDHWC, `padding` ((lo, hi),) * 3, as one 2D
+    convolution of the z-folded input (`_fold`). Only x is kept for the backward pass (not
+    its 3x larger fold); the kernel gradient by `_kernel_grad` on the fold."""
+    return _conv3d_folded(x, kernel, padding, precision)
+
+
+def _conv_fwd(fn, x, kernel, padding, precision):
+    return fn(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_bwd(fn, padding, precision, res, g):
+    x, kernel = res
+    dx = jax.vjp(lambda x: fn(x, kernel, padding, precision), x)[1](g)[0]
+    if kernel.ndim == 4:
+        return dx, _kernel_grad(x, g, kernel.shape, padding, precision).astype(kernel.dtype)
+    kz, ky, kx, cin, cout = kernel.shape
+    dk = _kernel_grad(_fold(x, kz, padding[0]), g.reshape((-1,) + g.shape[2:]),
+                      (ky, kx, kz * cin, cout), padding[1:], precision)
+    return dx, jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0).astype(kernel.dtype)
+
+
+conv2d.defvjp(functools.partial(_conv_fwd, _conv2d), functools.partial(_conv_bwd, _conv2d))
+conv3d_folded.defvjp(functools.partial(_conv_fwd, _conv3d_folded),
+                     functools.partial(_conv_bwd, _conv3d_folded))
 
 
 def _norm(dtype, name=None):
@@ -104,9 +184,11 @@ def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS 
 
 
 def _conv(features, kernel, impl, dtype, name=None):
-    """nn.Conv, 'SAME'; on the 'cpu' path a 3D kernel runs as one 2D convolution."""
-    fold = resolve_impl(impl) == "cpu" and len(kernel) == 3 and kernel[0] > 1
-    conv = conv_z_as_batch if fold else lax.conv_general_dilated
+    """nn.Conv, 'SAME'; on the 'cpu' path through `conv2d` (a 3D kernel z-folded)."""
+    if resolve_impl(impl) == "xla":
+        conv = lax.conv_general_dilated
+    else:
+        conv = conv2d_cpu if len(kernel) == 2 else conv_z_as_batch
     return nn.Conv(features, kernel, padding="SAME", dtype=dtype, name=name,
                    conv_general_dilated=conv)
 

@@ -127,6 +127,26 @@ def test_conv_z_as_batch_matches_lax_3d_convolution():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ndim,cin,cout", [(2, 6, 3), (2, 3, 6), (3, 1, 4), (3, 4, 2), (3, 2, 9)])
+def test_cpu_convolution_gradients_match_lax(ndim, cin, cout):
+    """conv2d / conv3d_folded (custom VJPs; the kernel gradient with swapped roles where the
+    input has more channels, which the fold gives in 3D) vs jax.grad of lax's convolution,
+    float64, symmetric and asymmetric paddings."""
+    dn = ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    conv = models.conv2d_cpu if ndim == 2 else models.conv_z_as_batch
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2,) + (5, 7, 6)[-ndim:] + (cin,), jnp.float64)
+        w = jax.random.normal(jax.random.key(1), (3,) * ndim + (cin, cout), jnp.float64)
+        for padding in ("SAME", ((0, 2), (2, 0), (1, 0))[-ndim:]):
+            def loss(f):  # a nonlinear function of the output, so that g is not constant
+                return lambda x, w: jnp.sum(jnp.sin(f(x, w, (1,) * ndim, padding, dimension_numbers=dn)))
+            want = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+            got = jax.jit(jax.grad(loss(conv), (0, 1)))(x, w)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and a.dtype == jnp.float64
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
 def _grads(impl, shape, dtype):
     x = jax.random.normal(jax.random.key(0), shape, dtype)
     y = jax.random.uniform(jax.random.key(1), shape[:-1], dtype)
