@@ -106,6 +106,16 @@ def _fold(x, kz, zpad):
     return jnp.concatenate([x[:, i:i + d_out] for i in range(kz)], -1).reshape(n * d_out, h, w, kz * c)
 
 
+def _unfold(dxf, d, zpad):
+    """The transpose of `_fold`: (n, d_out, h, w, kz, c) -> (n, d, h, w, c),
+    dx[z] = sum_i dxf[z + lo - i, i]."""
+    d_out, kz = dxf.shape[1], dxf.shape[-2]
+    lo = zpad[0]
+    nopad = [(0, 0, 0)] * 3
+    return sum(lax.pad(dxf[..., i, :], jnp.zeros((), dxf.dtype),
+                       [(0, 0, 0), (i - lo, d - d_out + lo - i, 0)] + nopad) for i in range(kz))
+
+
 def _conv3d_folded(x, kernel, padding, precision):
     kz, ky, kx, cin, cout = kernel.shape
     kernel2 = jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
@@ -152,11 +162,16 @@ def _conv_fwd(fn, x, kernel, padding, precision):
 
 def _conv_bwd(fn, padding, precision, res, g):
     x, kernel = res
-    dx = jax.vjp(lambda x: fn(x, kernel, padding, precision), x)[1](g)[0]
     if kernel.ndim == 4:
+        dx = jax.vjp(lambda x: fn(x, kernel, padding, precision), x)[1](g)[0]
         return dx, _kernel_grad(x, g, kernel.shape, padding, precision).astype(kernel.dtype)
     kz, ky, kx, cin, cout = kernel.shape
-    dk = _kernel_grad(_fold(x, kz, padding[0]), g.reshape((-1,) + g.shape[2:]),
+    g2 = g.reshape((-1,) + g.shape[2:])
+    kernel2 = jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
+    xf = jnp.zeros((g2.shape[0],) + x.shape[2:4] + (kz * cin,), x.dtype)  # shape only
+    dxf = jax.vjp(lambda xf: _conv2d(xf, kernel2, padding[1:], precision), xf)[1](g2)[0]
+    dx = _unfold(dxf.reshape(g.shape[:2] + x.shape[2:4] + (kz, cin)), x.shape[1], padding[0])
+    dk = _kernel_grad(_fold(x, kz, padding[0]), g2,
                       (ky, kx, kz * cin, cout), padding[1:], precision)
     return dx, jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0).astype(kernel.dtype)
 
