@@ -13,11 +13,11 @@ that a train step can perturb encoder features between them (the paper's student
 - 'cpu': a 3x3x3 convolution as one 2D convolution (z folded into the batch, the z taps into
   the channels), 2D convolutions whose kernel gradient swaps its operands' roles where that
   moves less data (`conv2d`), 2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed
-  convolution as one matrix product + depth-to-space, and `compiler_options(impl)` for every
-  jit of the model, which routes XLA:CPU's convolutions to its Eigen kernels instead of the
-  YNNPACK fusions (whose weight gradient, a convolution with an image-sized kernel, runs at a
-  fifth of the forward's speed). 3-4x faster training on CPU; see the README's Performance
-  section.
+  convolution as one matrix product + depth-to-space, the 1x1(x1) output convolution as a
+  matrix product, and `compiler_options(impl)` for every jit of the model, which routes
+  XLA:CPU's convolutions to its Eigen kernels instead of the YNNPACK fusions (whose weight
+  gradient, a convolution with an image-sized kernel, runs at a fifth of the forward's
+  speed). 4-5x faster training on CPU; see the README's Performance section.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 """
 import functools
@@ -181,6 +181,16 @@ conv3d_folded.defvjp(functools.partial(_conv_fwd, _conv3d_folded),
                      functools.partial(_conv_bwd, _conv3d_folded))
 
 
+def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for a 1x1(x1) kernel, channels last, stride 1: a matrix
+    product over the channels (XLA:CPU runs the 3D one, and its gradient, as slow 3D
+    convolutions)."""
+    assert all(k == 1 for k in rhs.shape[:-2]) and feature_group_count == 1
+    assert all(s == 1 for s in window_strides)
+    return jnp.einsum("...c,co->...o", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+
+
 def _norm(dtype, name=None):
     # eps as the reference implementation; scale and bias learned per channel. Statistics are
     # computed in float32 whatever the compute dtype.
@@ -323,7 +333,8 @@ class Decoder(nn.Module):
             x = _norm(self.dtype, f"up_norm{level}")(nn.relu(x))
             x = Block(f, self.dtype, self.impl, name=f"dec{level}")(
                 jnp.concatenate([skips[level], x], axis=-1))
-        y = nn.Conv(1, (1,) * ndim, dtype=self.dtype, name="head")(x)
+        conv = lax.conv_general_dilated if resolve_impl(self.impl) == "xla" else pointwise_conv
+        y = nn.Conv(1, (1,) * ndim, dtype=self.dtype, name="head", conv_general_dilated=conv)(x)
         return nn.relu(y)[..., 0].astype(jnp.float32)
 
 

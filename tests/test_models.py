@@ -147,6 +147,19 @@ def test_cpu_convolution_gradients_match_lax(ndim, cin, cout):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pointwise_conv_matches_lax(ndim):
+    dn = ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    x = jax.random.normal(jax.random.key(0), (2,) + (4, 5, 3)[-ndim:] + (6,))
+    w = jax.random.normal(jax.random.key(1), (1,) * ndim + (6, 2))
+    f = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1,) * ndim, "SAME", dimension_numbers=dn)))
+    want = jax.grad(f(jax.lax.conv_general_dilated), (0, 1))(x, w)
+    got = jax.grad(f(models.pointwise_conv), (0, 1))(x, w)
+    np.testing.assert_allclose(f(models.pointwise_conv)(x, w), f(jax.lax.conv_general_dilated)(x, w), rtol=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _grads(impl, shape, dtype):
     x = jax.random.normal(jax.random.key(0), shape, dtype)
     y = jax.random.uniform(jax.random.key(1), shape[:-1], dtype)
