@@ -116,10 +116,14 @@ def _unfold(dxf, d, zpad):
                        [(0, 0, 0), (i - lo, d - d_out + lo - i, 0)] + nopad) for i in range(kz))
 
 
-def _conv3d_folded(x, kernel, padding, precision):
+def _fold_kernel(kernel):
+    """(z, y, x, in, out) -> (y, x, z * in, out), the channel order of `_fold`."""
     kz, ky, kx, cin, cout = kernel.shape
-    kernel2 = jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
-    y = _conv2d(_fold(x, kz, padding[0]), kernel2, padding[1:], precision)
+    return jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
+
+
+def _conv3d_folded(x, kernel, padding, precision):
+    y = _conv2d(_fold(x, kernel.shape[0], padding[0]), _fold_kernel(kernel), padding[1:], precision)
     return y.reshape((x.shape[0], -1) + y.shape[1:])
 
 
@@ -160,25 +164,26 @@ def _conv_fwd(fn, x, kernel, padding, precision):
     return fn(x, kernel, padding, precision), (x, kernel)
 
 
-def _conv_bwd(fn, padding, precision, res, g):
+def _conv2d_bwd(padding, precision, res, g):
     x, kernel = res
-    if kernel.ndim == 4:
-        dx = jax.vjp(lambda x: fn(x, kernel, padding, precision), x)[1](g)[0]
-        return dx, _kernel_grad(x, g, kernel.shape, padding, precision).astype(kernel.dtype)
+    dx = jax.vjp(lambda x: _conv2d(x, kernel, padding, precision), x)[1](g)[0]
+    return dx, _kernel_grad(x, g, kernel.shape, padding, precision).astype(kernel.dtype)
+
+
+def _conv3d_folded_bwd(padding, precision, res, g):
+    x, kernel = res
     kz, ky, kx, cin, cout = kernel.shape
+    n, d, h, w = x.shape[:4]
     g2 = g.reshape((-1,) + g.shape[2:])
-    kernel2 = jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
-    xf = jnp.zeros((g2.shape[0],) + x.shape[2:4] + (kz * cin,), x.dtype)  # shape only
-    dxf = jax.vjp(lambda xf: _conv2d(xf, kernel2, padding[1:], precision), xf)[1](g2)[0]
-    dx = _unfold(dxf.reshape(g.shape[:2] + x.shape[2:4] + (kz, cin)), x.shape[1], padding[0])
-    dk = _kernel_grad(_fold(x, kz, padding[0]), g2,
-                      (ky, kx, kz * cin, cout), padding[1:], precision)
+    xf = jnp.zeros((g2.shape[0], h, w, kz * cin), x.dtype)  # its shape only
+    dxf = jax.vjp(lambda xf: _conv2d(xf, _fold_kernel(kernel), padding[1:], precision), xf)[1](g2)[0]
+    dx = _unfold(dxf.reshape((n, -1, h, w, kz, cin)), d, padding[0])
+    dk = _kernel_grad(_fold(x, kz, padding[0]), g2, (ky, kx, kz * cin, cout), padding[1:], precision)
     return dx, jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0).astype(kernel.dtype)
 
 
-conv2d.defvjp(functools.partial(_conv_fwd, _conv2d), functools.partial(_conv_bwd, _conv2d))
-conv3d_folded.defvjp(functools.partial(_conv_fwd, _conv3d_folded),
-                     functools.partial(_conv_bwd, _conv3d_folded))
+conv2d.defvjp(functools.partial(_conv_fwd, _conv2d), _conv2d_bwd)
+conv3d_folded.defvjp(functools.partial(_conv_fwd, _conv3d_folded), _conv3d_folded_bwd)
 
 
 def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
