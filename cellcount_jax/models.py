@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cellcount_jax import native
+
 LEVELS = 4
 IMPLS = ("auto", "xla", "cpu")
 # XLA:CPU library fusions kept on the 'cpu' path: YNNPACK for reductions only (not for
@@ -164,10 +166,22 @@ def _conv_fwd(fn, x, kernel, padding, precision):
     return fn(x, kernel, padding, precision), (x, kernel)
 
 
+def _native_or(xla_kernel_grad, x, g, kernel_shape, padding):
+    """The kernel gradient from `native.conv_kernel_grad` where it runs (CPU backend, an
+    AVX-512 CPU, float32; see `native.available`), else from `xla_kernel_grad(x, g)`."""
+    if not native.available(x.dtype, g.shape[-1]):
+        return xla_kernel_grad(x, g)
+    nd = x.ndim - 2
+    fast = lambda x, g: native.conv_kernel_grad(x, g, kernel_shape[:nd], [lo for lo, _ in padding])
+    return lax.platform_dependent(x, g, cpu=fast, default=xla_kernel_grad)
+
+
 def _conv2d_bwd(padding, precision, res, g):
     x, kernel = res
     dx = jax.vjp(lambda x: _conv2d(x, kernel, padding, precision), x)[1](g)[0]
-    return dx, _kernel_grad(x, g, kernel.shape, padding, precision).astype(kernel.dtype)
+    dk = _native_or(lambda x, g: _kernel_grad(x, g, kernel.shape, padding, precision),
+                    x, g, kernel.shape, padding)
+    return dx, dk.astype(kernel.dtype)
 
 
 def _conv3d_folded_bwd(padding, precision, res, g):
@@ -178,8 +192,13 @@ def _conv3d_folded_bwd(padding, precision, res, g):
     xf = jnp.zeros((g2.shape[0], h, w, kz * cin), x.dtype)  # its shape only
     dxf = jax.vjp(lambda xf: _conv2d(xf, _fold_kernel(kernel), padding[1:], precision), xf)[1](g2)[0]
     dx = _unfold(dxf.reshape((n, -1, h, w, kz, cin)), d, padding[0])
-    dk = _kernel_grad(_fold(x, kz, padding[0]), g2, (ky, kx, kz * cin, cout), padding[1:], precision)
-    return dx, jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0).astype(kernel.dtype)
+
+    def folded(x, g):
+        dk = _kernel_grad(_fold(x, kz, padding[0]), g.reshape(g2.shape), (ky, kx, kz * cin, cout),
+                          padding[1:], precision)
+        return jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0)
+
+    return dx, _native_or(folded, x, g, kernel.shape, padding).astype(kernel.dtype)
 
 
 conv2d.defvjp(functools.partial(_conv_fwd, _conv2d), _conv2d_bwd)

@@ -1,0 +1,214 @@
+// Kernel gradient of a stride-1 2D/3D convolution, channels last, as an XLA FFI call (CPU).
+//
+//   dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
+//                                             * g[n, z, y, x, co]
+//
+// over the input positions inside the array (zero padding). XLA:CPU computes this as a
+// convolution whose "kernel" is the image-sized output gradient, at a fraction of the forward
+// convolution's speed; here it is a register-blocked outer-product loop: for each tap and each
+// block of (input, output) channels the accumulators stay in registers while a chunk of output
+// rows streams through, reading both operands in their natural channels-last layout (no
+// im2col, no transposes). Chunks of rows are shared out over XLA's intra-op thread pool; each
+// worker sums into its own copy of dk and the copies are added at the end.
+//
+// The vector code is AVX-512 (`cc_native_supported` tells whether this CPU has it); the Python
+// side falls back to XLA's formulation elsewhere.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Problem {
+  int64_t n, d, h, w, ci;       // input
+  int64_t dz, dy, dx, co;       // output gradient (spatial sizes of the convolution output)
+  int64_t kz, ky, kx, pz, py, px;
+  const float* in;
+  const float* g;
+};
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+#define CC_HAVE_KERNEL 1
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+// One register block: MR input channels x NR*16 output channels, over output rows [r0, r1).
+template <int MR, int NR>
+__attribute__((always_inline)) inline void Block(const Problem& p, int64_t r0, int64_t r1,
+                                                 int64_t tz, int64_t ty, int64_t tx, int64_t c0,
+                                                 int64_t o0, float* dk_tap) {
+  v16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      acc[i][j] = *reinterpret_cast<const v16u*>(dk_tap + (c0 + i) * p.co + o0 + 16 * j);
+  const int64_t lo = std::max<int64_t>(0, p.px - tx);
+  const int64_t hi = std::min<int64_t>(p.dx, p.w + p.px - tx);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t yo = r % p.dy, zo = (r / p.dy) % p.dz, b = r / (p.dy * p.dz);
+    const int64_t zi = zo + tz - p.pz, yi = yo + ty - p.py;
+    if (zi < 0 || zi >= p.d || yi < 0 || yi >= p.h || lo >= hi) continue;
+    const float* xr = p.in + (((b * p.d + zi) * p.h + yi) * p.w + lo + tx - p.px) * p.ci + c0;
+    const float* gr = p.g + (r * p.dx + lo) * p.co + o0;
+    for (int64_t x = lo; x < hi; ++x, xr += p.ci, gr += p.co) {
+      v16 gv[NR];
+      for (int j = 0; j < NR; ++j) gv[j] = *reinterpret_cast<const v16u*>(gr + 16 * j);
+      for (int i = 0; i < MR; ++i) {
+        const float s = xr[i];
+        for (int j = 0; j < NR; ++j) acc[i][j] += s * gv[j];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      *reinterpret_cast<v16u*>(dk_tap + (c0 + i) * p.co + o0 + 16 * j) = acc[i][j];
+}
+
+// Block<M, NR> for a remainder of m <= M input channels.
+template <int NR, int M>
+__attribute__((always_inline)) inline void BlockTail(int m, const Problem& p, int64_t r0,
+                                                     int64_t r1, int64_t tz, int64_t ty,
+                                                     int64_t tx, int64_t c0, int64_t o0,
+                                                     float* dk_tap) {
+  if constexpr (M > 0) {
+    if (m == M) return Block<M, NR>(p, r0, r1, tz, ty, tx, c0, o0, dk_tap);
+    BlockTail<NR, M - 1>(m, p, r0, r1, tz, ty, tx, c0, o0, dk_tap);
+  }
+}
+
+// All taps and channel blocks of output rows [r0, r1), accumulated into dk.
+template <int MR, int NR>
+void Rows(const Problem& p, int64_t r0, int64_t r1, float* dk) {
+  for (int64_t tz = 0; tz < p.kz; ++tz)
+    for (int64_t ty = 0; ty < p.ky; ++ty)
+      for (int64_t tx = 0; tx < p.kx; ++tx) {
+        float* dk_tap = dk + ((tz * p.ky + ty) * p.kx + tx) * p.ci * p.co;
+        for (int64_t o0 = 0; o0 < p.co; o0 += 16 * NR) {
+          int64_t c0 = 0;
+          for (; c0 + MR <= p.ci; c0 += MR) Block<MR, NR>(p, r0, r1, tz, ty, tx, c0, o0, dk_tap);
+          if (c0 < p.ci) BlockTail<NR, MR - 1>(p.ci - c0, p, r0, r1, tz, ty, tx, c0, o0, dk_tap);
+        }
+      }
+}
+
+void RowsDispatch(const Problem& p, int64_t r0, int64_t r1, float* dk) {
+  // 32 vector registers: MR * NR accumulators + NR gradient vectors + a broadcast.
+  if (p.co % 64 == 0) return Rows<6, 4>(p, r0, r1, dk);
+  if (p.co % 32 == 0) return Rows<12, 2>(p, r0, r1, dk);
+  return Rows<24, 1>(p, r0, r1, dk);
+}
+
+void AddInto(float* dst, const float* src, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) dst[i] += src[i];
+}
+
+#pragma GCC pop_options
+#endif  // __x86_64__
+
+struct Shared {
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int> active{0};
+  std::atomic<int> slots{1};  // slot 0 is the caller's (the result buffer)
+  std::vector<std::unique_ptr<float[]>> partial;
+  std::vector<char> used;
+  Problem p;
+  int64_t rows_per_chunk = 1, num_chunks = 0, dk_size = 0;
+};
+
+#if CC_HAVE_KERNEL
+// Claims chunks until none is left; a worker that gets one sums into its own slot.
+void Work(Shared& s, float* own) {
+  s.active.fetch_add(1);
+  float* dk = own;
+  for (;;) {
+    const int64_t c = s.next_chunk.fetch_add(1);
+    if (c >= s.num_chunks) break;
+    if (dk == nullptr) {
+      const int slot = s.slots.fetch_add(1);
+      dk = s.partial[slot].get();
+      std::memset(dk, 0, s.dk_size * sizeof(float));
+      s.used[slot] = 1;
+    }
+    const int64_t r0 = c * s.rows_per_chunk;
+    const int64_t r1 = std::min(r0 + s.rows_per_chunk, s.p.n * s.p.dz * s.p.dy);
+    RowsDispatch(s.p, r0, r1, dk);
+  }
+  s.active.fetch_sub(1);
+}
+#endif
+
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
+                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                          int64_t kz, int64_t ky, int64_t kx, int64_t pz, int64_t py,
+                          int64_t px) {
+#if CC_HAVE_KERNEL
+  auto xd = in.dimensions();
+  auto gd = g.dimensions();
+  if (xd.size() != 5 || gd.size() != 5 || xd[0] != gd[0])
+    return ffi::Error::InvalidArgument("conv kernel grad: expects (n, z, y, x, c) operands");
+  if (gd[4] % 16 != 0)
+    return ffi::Error::InvalidArgument("conv kernel grad: output channels must be a multiple of 16");
+  auto s = std::make_shared<Shared>();
+  s->p = Problem{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
+                 kz, ky, kx, pz, py, px, in.typed_data(), g.typed_data()};
+  s->dk_size = kz * ky * kx * xd[4] * gd[4];
+  const int64_t rows = gd[0] * gd[1] * gd[2];
+  // Chunks of ~512 output pixels: the rows they read stay in L2 across taps and channel
+  // blocks, and there are enough of them to balance the threads.
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  s->rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>((512 + gd[3] - 1) / gd[3],
+                                                             rows / (8 * workers)));
+  s->num_chunks = (rows + s->rows_per_chunk - 1) / s->rows_per_chunk;
+  s->partial.resize(workers);
+  s->used.assign(workers, 0);
+  for (int64_t i = 1; i < workers; ++i) s->partial[i].reset(new float[s->dk_size]);
+  float* out = dk->typed_data();
+  std::memset(out, 0, s->dk_size * sizeof(float));
+  // Helpers that start late (the pool busy with other work) find no chunk left and return;
+  // the caller never waits for a helper that has not started, so this cannot deadlock.
+  const int64_t helpers = std::min<int64_t>(workers - 1, s->num_chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { Work(*s, nullptr); });
+  Work(*s, out);
+  // Every chunk is claimed; wait for the workers still summing one.
+  while (s->active.load() > 0) std::this_thread::yield();
+  for (int64_t i = 1; i < workers; ++i)
+    if (s->used[i]) AddInto(out, s->partial[i].get(), s->dk_size);
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("conv kernel grad: built without the x86-64 kernel");
+#endif
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConvKernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kz")
+                                  .Attr<int64_t>("ky")
+                                  .Attr<int64_t>("kx")
+                                  .Attr<int64_t>("pz")
+                                  .Attr<int64_t>("py")
+                                  .Attr<int64_t>("px"));
+
+extern "C" int cc_native_supported() {
+#if CC_HAVE_KERNEL
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,62 @@
+"""Native CPU kernels, called from jitted code through XLA's FFI.
+
+`conv_kernel_grad` is the kernel gradient of a stride-1 convolution, the one part of the
+CPU train step that XLA:CPU computes slowly (see `csrc/conv_kernel_grad.cc`). The library
+is compiled when the package is installed (`setup.py`, optional: an install without a C++
+compiler still works) and is used only where it can run: the CPU backend, an x86-64 CPU with
+AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `available`
+says no and the model keeps its XLA formulation. `CELLCOUNT_JAX_NATIVE=0` switches it off.
+"""
+import ctypes
+import functools
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+TARGET = "cellcount_conv_kernel_grad"
+
+
+@functools.cache
+def _library():
+    """The loaded library with its FFI target registered, or None."""
+    if os.environ.get("CELLCOUNT_JAX_NATIVE", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("cellcount_jax._native")
+    if spec is None or not spec.origin:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    if not lib.cc_native_supported():
+        return None
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
+    return lib
+
+
+def available(dtype=np.float32, out_channels: int = 16) -> bool:
+    """Whether `conv_kernel_grad` runs for these operands on this machine's CPU."""
+    return (np.dtype(dtype) == np.float32 and out_channels % 16 == 0
+            and _library() is not None)
+
+
+def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
+    """dk[t, ci, co] = sum_{n, p} x[n, p + t - pad_lo, ci] * g[n, p, co], zero outside x.
+
+    x: (n, *spatial_in, ci) and g: (n, *spatial_out, co), float32, 2D or 3D, channels last;
+    kernel_spatial: the kernel's spatial shape; pad_lo: the low padding per spatial axis
+    (the high padding is implied by the shapes). Returns (*kernel_spatial, ci, co), float32:
+    the gradient of sum(g * conv(x, k, stride 1)) with respect to k.
+    """
+    if _library() is None:
+        raise RuntimeError("the native CPU kernel is not available here (see native.available)")
+    two_d = x.ndim == 4
+    if two_d:  # as 3D with one plane
+        x, g = x[:, None], g[:, None]
+        kernel_spatial, pad_lo = (1, *kernel_spatial), (0, *pad_lo)
+    kz, ky, kx = (int(k) for k in kernel_spatial)
+    pz, py, px = (int(p) for p in pad_lo)
+    out = jax.ShapeDtypeStruct((kz, ky, kx, x.shape[-1], g.shape[-1]), np.float32)
+    dk = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+        x, g, kz=np.int64(kz), ky=np.int64(ky), kx=np.int64(kx),
+        pz=np.int64(pz), py=np.int64(py), px=np.int64(px))
+    return dk[0] if two_d else dk

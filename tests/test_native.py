@@ -1,0 +1,88 @@
+"""The native CPU kernel gradient (`native.conv_kernel_grad`) against a float64 numpy sum."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cellcount_jax import models, native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="native kernel not built or no AVX-512 on this CPU")
+
+
+def reference(x, g, kernel, pads):
+    """dk[t] = sum_p x[p + t - lo] g[p], x zero outside, by explicit shifts (float64)."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    out_sp = g.shape[1:-1]
+    hi = [o + k - 1 - lo - s for o, k, (lo, _), s in zip(out_sp, kernel, pads, x.shape[1:-1])]
+    xp = np.pad(x, [(0, 0)] + [(lo, h) for (lo, _), h in zip(pads, hi)] + [(0, 0)])
+    dk = np.zeros(tuple(kernel) + (x.shape[-1], g.shape[-1]))
+    for t in itertools.product(*(range(k) for k in kernel)):
+        window = xp[(slice(None),) + tuple(slice(a, a + o) for a, o in zip(t, out_sp))]
+        dk[t] = window.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    return dk
+
+
+def check(x_shape, cout, kernel, pads):
+    """The kernel gradient of a lax convolution with these paddings, native vs reference."""
+    kx, kg = jax.random.split(jax.random.key(sum(x_shape) + cout))
+    x = jax.random.normal(kx, x_shape, jnp.float32)
+    nd = len(kernel)
+    out_sp = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(x_shape[1:-1], kernel, pads)]
+    g = jax.random.normal(kg, (x_shape[0], *out_sp, cout), jnp.float32)
+    got = jax.jit(lambda x, g: native.conv_kernel_grad(x, g, kernel, [lo for lo, _ in pads]))(x, g)
+    want = reference(x, g, kernel, pads)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # and it is the gradient of lax's convolution
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    conv = lambda w: jax.lax.conv_general_dilated(x, w, (1,) * nd, pads, dimension_numbers=dn)
+    lax_dk = jax.vjp(conv, jnp.zeros(tuple(kernel) + (x_shape[-1], cout)))[1](g)[0]
+    np.testing.assert_allclose(got, lax_dk, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# Output channels 16/32/48/64/128 take the three register-block shapes (and 48 several
+# 16-wide blocks); input channels 3, 13, 32 leave remainders of every block height.
+@pytest.mark.parametrize("cin,cout", [(3, 32), (13, 16), (32, 48), (13, 64), (32, 128)])
+@pytest.mark.parametrize("kernel,pads", [((3, 3), ((1, 1), (1, 1))), ((3, 3), ((0, 2), (2, 0))),
+                                         ((2, 3), ((0, 0), (0, 0))), ((1, 1), ((0, 0), (0, 0)))])
+def test_2d_matches_reference(cin, cout, kernel, pads):
+    check((2, 9, 11, cin), cout, kernel, pads)
+
+
+@pytest.mark.parametrize("cin,cout,pads", [(1, 32, ((1, 1),) * 3), (5, 16, ((0, 2), (2, 0), (1, 0))),
+                                           (7, 64, ((0, 0),) * 3)])
+def test_3d_matches_reference(cin, cout, pads):
+    check((2, 5, 6, 7, cin), cout, (3, 3, 3), pads)
+
+
+def test_many_chunks_over_the_thread_pool():
+    # 4 x 64 rows of 64 pixels: dozens of chunks shared by the pool's threads.
+    check((4, 64, 64, 24), 32, (3, 3), ((1, 1), (1, 1)))
+
+
+def test_vmap():
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+    g = jax.random.normal(jax.random.key(1), (3, 2, 6, 6, 16))
+    got = jax.vmap(lambda x, g: native.conv_kernel_grad(x, g, (3, 3), (1, 1)))(x, g)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], reference(x[i], g[i], (3, 3), ((1, 1), (1, 1))),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_model_uses_it():
+    """The 'cpu' formulation of a network with 16-multiple widths calls the native kernel in
+    its backward pass where the output width is a multiple of 16; elsewhere, and in float64,
+    it keeps XLA's convolutions."""
+    def hlo(features, dtype):
+        m = models.SAUNet(features=features, impl="cpu", dtype=dtype)
+        x = jnp.zeros((1, 16, 16, 3), dtype)
+        p = jax.tree.map(lambda a: a.astype(dtype), models.init_params(m, jax.random.key(0), x.shape))
+        f = jax.grad(lambda p: m.apply({"params": p}, x).sum())
+        return models.jit(f, "cpu").lower(p).as_text()
+    assert hlo(16, jnp.float32).count(native.TARGET) == 14  # every 3x3 convolution
+    assert hlo(8, jnp.float32).count(native.TARGET) == 10  # all but the 8-wide level
+    with jax.enable_x64(True):
+        assert native.TARGET not in hlo(16, jnp.float64)
