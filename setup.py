@@ -20,7 +20,7 @@ class BuildExt(build_ext):
 
 setup(
     ext_modules=[Extension(
-        "cellcount_jax._native", ["cellcount_jax/csrc/conv_kernel_grad.cc"],
+        "cellcount_jax._native", ["cellcount_jax/csrc/conv.cc"],
         language="c++", optional=True,
         extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=fast", "-Wno-return-type",
                             "-Wno-attributes"])],

@@ -147,28 +147,24 @@ def _kernel_grad(x, g, kernel_shape, padding, precision):
     return jnp.flip(dk, (1, 2)).transpose(1, 2, 3, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, kernel, padding, precision=None):
-    """Stride-1 2D convolution, NHWC x HWIO -> NHWC, `padding` ((lo, hi), (lo, hi)): XLA's
-    forward and input gradient, the kernel gradient by `_kernel_grad`."""
-    return _conv2d(x, kernel, padding, precision)
+# The native convolution beats XLA:CPU's where rows are at least this wide; on narrower ones
+# (the bottleneck levels) the edge pixels weigh too much.
+NATIVE_MIN_WIDTH = 32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv3d_folded(x, kernel, padding, precision=None):
-    """Stride-1 3D convolution, NDHWC x DHWIO -> NDHWC, `padding` ((lo, hi),) * 3, as one 2D
-    convolution of the z-folded input (`_fold`). Only x is kept for the backward pass (not
-    its 3x larger fold); the kernel gradient by `_kernel_grad` on the fold."""
-    return _conv3d_folded(x, kernel, padding, precision)
+def _native_conv_or(xla_conv, x, kernel, padding):
+    """A stride-1 convolution by `native.conv` where it runs (CPU backend, an AVX-512 CPU,
+    float32, output channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
+    `xla_conv(x, kernel)`."""
+    if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH):
+        return xla_conv(x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv(x, k, padding),
+                                  default=xla_conv)
 
 
-def _conv_fwd(fn, x, kernel, padding, precision):
-    return fn(x, kernel, padding, precision), (x, kernel)
-
-
-def _native_or(xla_kernel_grad, x, g, kernel_shape, padding):
-    """The kernel gradient from `native.conv_kernel_grad` where it runs (CPU backend, an
-    AVX-512 CPU, float32; see `native.available`), else from `xla_kernel_grad(x, g)`."""
+def _native_kernel_grad_or(xla_kernel_grad, x, g, kernel_shape, padding):
+    """The kernel gradient by `native.conv_kernel_grad` where it runs, else by
+    `xla_kernel_grad(x, g)`."""
     if not native.available(x.dtype, g.shape[-1]):
         return xla_kernel_grad(x, g)
     nd = x.ndim - 2
@@ -176,11 +172,41 @@ def _native_or(xla_kernel_grad, x, g, kernel_shape, padding):
     return lax.platform_dependent(x, g, cpu=fast, default=xla_kernel_grad)
 
 
+def _input_grad(xla_input_grad, g, kernel, padding):
+    """d/dx of sum(g * conv(x, kernel)): the convolution of g with the flipped, transposed
+    kernel, padded k - 1 - pad, natively where it runs."""
+    nd = g.ndim - 2
+    flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+    pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:nd], padding))
+    return _native_conv_or(lambda g, k: xla_input_grad(g), g, flipped, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, padding, precision=None):
+    """Stride-1 2D convolution, NHWC x HWIO -> NHWC, `padding` ((lo, hi), (lo, hi)): native
+    kernels where they run (`_native_conv_or`), else XLA's forward and input gradient and the
+    kernel gradient by `_kernel_grad`."""
+    return _native_conv_or(lambda x, k: _conv2d(x, k, padding, precision), x, kernel, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d_folded(x, kernel, padding, precision=None):
+    """Stride-1 3D convolution, NDHWC x DHWIO -> NDHWC, `padding` ((lo, hi),) * 3: native
+    kernels where they run, else one 2D convolution of the z-folded input (`_fold`). Only x
+    is kept for the backward pass (not its 3x larger fold)."""
+    return _native_conv_or(lambda x, k: _conv3d_folded(x, k, padding, precision), x, kernel, padding)
+
+
+def _conv_fwd(fn, x, kernel, padding, precision):
+    return fn(x, kernel, padding, precision), (x, kernel)
+
+
 def _conv2d_bwd(padding, precision, res, g):
     x, kernel = res
-    dx = jax.vjp(lambda x: _conv2d(x, kernel, padding, precision), x)[1](g)[0]
-    dk = _native_or(lambda x, g: _kernel_grad(x, g, kernel.shape, padding, precision),
-                    x, g, kernel.shape, padding)
+    dx = _input_grad(lambda g: jax.vjp(lambda x: _conv2d(x, kernel, padding, precision), x)[1](g)[0],
+                     g, kernel, padding)
+    dk = _native_kernel_grad_or(lambda x, g: _kernel_grad(x, g, kernel.shape, padding, precision),
+                                x, g, kernel.shape, padding)
     return dx, dk.astype(kernel.dtype)
 
 
@@ -189,20 +215,25 @@ def _conv3d_folded_bwd(padding, precision, res, g):
     kz, ky, kx, cin, cout = kernel.shape
     n, d, h, w = x.shape[:4]
     g2 = g.reshape((-1,) + g.shape[2:])
-    xf = jnp.zeros((g2.shape[0], h, w, kz * cin), x.dtype)  # its shape only
-    dxf = jax.vjp(lambda xf: _conv2d(xf, _fold_kernel(kernel), padding[1:], precision), xf)[1](g2)[0]
-    dx = _unfold(dxf.reshape((n, -1, h, w, kz, cin)), d, padding[0])
 
-    def folded(x, g):
+    def folded_input_grad(g):
+        xf = jnp.zeros((g2.shape[0], h, w, kz * cin), x.dtype)  # its shape only
+        dxf = jax.vjp(lambda xf: _conv2d(xf, _fold_kernel(kernel), padding[1:], precision),
+                      xf)[1](g.reshape(g2.shape))[0]
+        return _unfold(dxf.reshape((n, -1, h, w, kz, cin)), d, padding[0])
+
+    def folded_kernel_grad(x, g):
         dk = _kernel_grad(_fold(x, kz, padding[0]), g.reshape(g2.shape), (ky, kx, kz * cin, cout),
                           padding[1:], precision)
         return jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0)
 
-    return dx, _native_or(folded, x, g, kernel.shape, padding).astype(kernel.dtype)
+    dx = _input_grad(folded_input_grad, g, kernel, padding)
+    dk = _native_kernel_grad_or(folded_kernel_grad, x, g, kernel.shape, padding)
+    return dx, dk.astype(kernel.dtype)
 
 
-conv2d.defvjp(functools.partial(_conv_fwd, _conv2d), _conv2d_bwd)
-conv3d_folded.defvjp(functools.partial(_conv_fwd, _conv3d_folded), _conv3d_folded_bwd)
+conv2d.defvjp(functools.partial(_conv_fwd, conv2d.fun), _conv2d_bwd)
+conv3d_folded.defvjp(functools.partial(_conv_fwd, conv3d_folded.fun), _conv3d_folded_bwd)
 
 
 def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

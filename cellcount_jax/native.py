@@ -1,7 +1,9 @@
-"""Native CPU kernels, called from jitted code through XLA's FFI.
+"""Native CPU convolution kernels, called from jitted code through XLA's FFI.
 
-`conv_kernel_grad` is the kernel gradient of a stride-1 convolution, the one part of the
-CPU train step that XLA:CPU computes slowly (see `csrc/conv_kernel_grad.cc`). The library
+`conv` (a stride-1 convolution, also the input gradient of one) and `conv_kernel_grad` (its
+kernel gradient), register-blocked AVX-512 loops over channels-last arrays (`csrc/conv.cc`):
+XLA:CPU runs the kernel gradient at a fifth of the matmul peak, and 3D convolutions or
+32-64-channel ones at full resolution well below it. The library
 is compiled when the package is installed (`setup.py`, optional: an install without a C++
 compiler still works) and is used only where it can run: the CPU backend, an x86-64 CPU with
 AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `available`
@@ -16,6 +18,7 @@ import jax
 import numpy as np
 
 TARGET = "cellcount_conv_kernel_grad"
+CONV_TARGET = "cellcount_conv"
 
 
 @functools.cache
@@ -30,13 +33,39 @@ def _library():
     if not lib.cc_native_supported():
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
+    jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.CcConv), platform="cpu")
     return lib
 
 
 def available(dtype=np.float32, out_channels: int = 16) -> bool:
-    """Whether `conv_kernel_grad` runs for these operands on this machine's CPU."""
+    """Whether `conv` and `conv_kernel_grad` run for these operands on this machine's CPU."""
     return (np.dtype(dtype) == np.float32 and out_channels % 16 == 0
             and _library() is not None)
+
+
+def _check():
+    if _library() is None:
+        raise RuntimeError("the native CPU kernels are not available here (see native.available)")
+
+
+def conv(x, kernel, padding):
+    """y[n, p, co] = sum_{t, ci} x[n, p + t - lo, ci] kernel[t, ci, co], zero outside x.
+
+    x: (n, *spatial, ci), kernel: (*kernel_spatial, ci, co), float32, 2D or 3D, channels
+    last, stride 1; padding: ((lo, hi),) per spatial axis. Returns (n, *spatial_out, co),
+    spatial_out = spatial + lo + hi - kernel_spatial + 1, as `lax.conv_general_dilated`.
+    """
+    _check()
+    two_d = x.ndim == 4
+    if two_d:
+        x, kernel, padding = x[:, None], kernel[None], ((0, 0), *padding)
+    out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(x.shape[1:4], kernel.shape[:3], padding)]
+    y = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]),
+                                                            np.float32),
+                         vmap_method="sequential")(
+        x, kernel, pz=np.int64(padding[0][0]), py=np.int64(padding[1][0]),
+        px=np.int64(padding[2][0]))
+    return y[:, 0] if two_d else y
 
 
 def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
@@ -47,8 +76,7 @@ def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
     (the high padding is implied by the shapes). Returns (*kernel_spatial, ci, co), float32:
     the gradient of sum(g * conv(x, k, stride 1)) with respect to k.
     """
-    if _library() is None:
-        raise RuntimeError("the native CPU kernel is not available here (see native.available)")
+    _check()
     two_d = x.ndim == 4
     if two_d:  # as 3D with one plane
         x, g = x[:, None], g[:, None]

@@ -86,3 +86,46 @@ def test_cpu_model_uses_it():
     assert hlo(8, jnp.float32).count(native.TARGET) == 10  # all but the 8-wide level
     with jax.enable_x64(True):
         assert native.TARGET not in hlo(16, jnp.float64)
+
+
+@pytest.mark.parametrize("shape,cout,kernel,pads", [
+    ((2, 9, 11, 3), 32, (3, 3), ((1, 1), (1, 1))),      # edge pixels, block tails
+    ((2, 9, 40, 13), 16, (3, 3), ((0, 2), (2, 0))),     # asymmetric padding
+    ((1, 7, 37, 32), 64, (2, 3), ((0, 0), (0, 0))),     # 'VALID', even kernel
+    ((2, 6, 33, 24), 48, (3, 3), ((1, 1), (1, 1))),     # several 16-wide output blocks
+    ((2, 4, 5, 35, 7), 32, (3, 3, 3), ((1, 1),) * 3),
+    ((1, 5, 6, 34, 16), 64, (3, 3, 3), ((0, 2), (2, 0), (1, 0))),
+    ((4, 64, 64, 16), 32, (3, 3), ((1, 1), (1, 1))),    # many chunks over the pool
+])
+def test_conv_matches_lax(shape, cout, kernel, pads):
+    nd = len(kernel)
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), tuple(kernel) + (shape[-1], cout))
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    with jax.enable_x64(True):  # reference in float64
+        want = jax.lax.conv_general_dilated(np.asarray(x, np.float64), np.asarray(w, np.float64),
+                                            (1,) * nd, pads, dimension_numbers=dn)
+    got = jax.jit(lambda x, w: native.conv(x, w, pads))(x, w)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_cpu_convolution_float32_gradients(ndim):
+    """conv2d / conv3d_folded on the native path (rows >= NATIVE_MIN_WIDTH): values and both
+    gradients against float64 jax.grad of lax's convolution."""
+    shape = (2,) + (4, 5, 40)[-ndim:] + (16,)
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (3,) * ndim + (16, 32))
+    dn = ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    conv = models.conv2d_cpu if ndim == 2 else models.conv_z_as_batch
+    pads = ((1, 1), (0, 2), (2, 0))[-ndim:]
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, (1,) * ndim, pads, dimension_numbers=dn)))
+    assert native.CONV_TARGET in jax.jit(jax.grad(loss(conv), (0, 1))).lower(x, w).as_text()
+    got = jax.jit(jax.value_and_grad(loss(conv), (0, 1)))(x, w)
+    with jax.enable_x64(True):
+        want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(
+            np.asarray(x, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))

@@ -35,6 +35,14 @@ struct Problem {
   const float* g;
 };
 
+struct ConvProblem {
+  int64_t n, d, h, w, ci;       // input
+  int64_t dz, dy, dx, co;       // output
+  int64_t kz, ky, kx, pz, py, px;
+  const float* in;
+  const float* k;               // (kz, ky, kx, ci, co)
+};
+
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
@@ -106,6 +114,98 @@ void RowsDispatch(const Problem& p, int64_t r0, int64_t r1, float* dk) {
   if (p.co % 64 == 0) return Rows<6, 4>(p, r0, r1, dk);
   if (p.co % 32 == 0) return Rows<12, 2>(p, r0, r1, dk);
   return Rows<24, 1>(p, r0, r1, dk);
+}
+
+
+// Forward: MR consecutive output pixels of one row x NR*16 output channels; every tap of the
+// MR pixels reads inside the row (interior pixels).
+template <int MR, int NR>
+__attribute__((always_inline)) inline void FwdBlock(const ConvProblem& p, int64_t r, int64_t x0,
+                                                    int64_t o0, float* y) {
+  v16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
+  const int64_t yo = r % p.dy, zo = (r / p.dy) % p.dz, b = r / (p.dy * p.dz);
+  for (int64_t tz = 0; tz < p.kz; ++tz) {
+    const int64_t zi = zo + tz - p.pz;
+    if (zi < 0 || zi >= p.d) continue;
+    for (int64_t ty = 0; ty < p.ky; ++ty) {
+      const int64_t yi = yo + ty - p.py;
+      if (yi < 0 || yi >= p.h) continue;
+      const float* xr = p.in + ((b * p.d + zi) * p.h + yi) * p.w * p.ci;
+      for (int64_t tx = 0; tx < p.kx; ++tx) {
+        const float* xp = xr + (x0 + tx - p.px) * p.ci;
+        const float* kp = p.k + ((tz * p.ky + ty) * p.kx + tx) * p.ci * p.co + o0;
+        for (int64_t c = 0; c < p.ci; ++c, kp += p.co) {
+          v16 kv[NR];
+          for (int j = 0; j < NR; ++j) kv[j] = *reinterpret_cast<const v16u*>(kp + 16 * j);
+          for (int i = 0; i < MR; ++i) {
+            const float s = xp[i * p.ci + c];
+            for (int j = 0; j < NR; ++j) acc[i][j] += s * kv[j];
+          }
+        }
+      }
+    }
+  }
+  float* yp = y + (r * p.dx + x0) * p.co + o0;
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) *reinterpret_cast<v16u*>(yp + i * p.co + 16 * j) = acc[i][j];
+}
+
+// One output pixel near the row's ends, where some taps fall outside the input.
+template <int NR>
+inline void FwdEdge(const ConvProblem& p, int64_t r, int64_t xo, int64_t o0, float* y) {
+  v16 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = v16{};
+  const int64_t yo = r % p.dy, zo = (r / p.dy) % p.dz, b = r / (p.dy * p.dz);
+  for (int64_t tz = 0; tz < p.kz; ++tz) {
+    const int64_t zi = zo + tz - p.pz;
+    if (zi < 0 || zi >= p.d) continue;
+    for (int64_t ty = 0; ty < p.ky; ++ty) {
+      const int64_t yi = yo + ty - p.py;
+      if (yi < 0 || yi >= p.h) continue;
+      for (int64_t tx = 0; tx < p.kx; ++tx) {
+        const int64_t xi = xo + tx - p.px;
+        if (xi < 0 || xi >= p.w) continue;
+        const float* xp = p.in + (((b * p.d + zi) * p.h + yi) * p.w + xi) * p.ci;
+        const float* kp = p.k + ((tz * p.ky + ty) * p.kx + tx) * p.ci * p.co + o0;
+        for (int64_t c = 0; c < p.ci; ++c, kp += p.co)
+          for (int j = 0; j < NR; ++j) acc[j] += xp[c] * *reinterpret_cast<const v16u*>(kp + 16 * j);
+      }
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    *reinterpret_cast<v16u*>(y + (r * p.dx + xo) * p.co + o0 + 16 * j) = acc[j];
+}
+
+template <int NR, int M>
+__attribute__((always_inline)) inline void FwdTail(int m, const ConvProblem& p, int64_t r,
+                                                   int64_t x0, int64_t o0, float* y) {
+  if constexpr (M > 0) {
+    if (m == M) return FwdBlock<M, NR>(p, r, x0, o0, y);
+    FwdTail<NR, M - 1>(m, p, r, x0, o0, y);
+  }
+}
+
+template <int MR, int NR>
+void FwdRows(const ConvProblem& p, int64_t r0, int64_t r1, float* y) {
+  // Interior output pixels: xo - px >= 0 and xo - px + kx - 1 < w.
+  const int64_t lo = std::min(p.px, p.dx);
+  const int64_t hi = std::max(lo, std::min(p.dx, p.w - p.kx + 1 + p.px));
+  for (int64_t o0 = 0; o0 < p.co; o0 += 16 * NR)
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t x = 0; x < lo; ++x) FwdEdge<NR>(p, r, x, o0, y);
+      int64_t x = lo;
+      for (; x + MR <= hi; x += MR) FwdBlock<MR, NR>(p, r, x, o0, y);
+      if (x < hi) FwdTail<NR, MR - 1>(hi - x, p, r, x, o0, y);
+      for (x = hi; x < p.dx; ++x) FwdEdge<NR>(p, r, x, o0, y);
+    }
+}
+
+void FwdDispatch(const ConvProblem& p, int64_t r0, int64_t r1, float* y) {
+  if (p.co % 64 == 0) return FwdRows<6, 4>(p, r0, r1, y);
+  if (p.co % 32 == 0) return FwdRows<12, 2>(p, r0, r1, y);
+  return FwdRows<24, 1>(p, r0, r1, y);
 }
 
 void AddInto(float* dst, const float* src, int64_t size) {
@@ -200,6 +300,67 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConvKernelGrad, KernelGradImpl,
                                   .Attr<int64_t>("kz")
                                   .Attr<int64_t>("ky")
                                   .Attr<int64_t>("kx")
+                                  .Attr<int64_t>("pz")
+                                  .Attr<int64_t>("py")
+                                  .Attr<int64_t>("px"));
+
+
+#if CC_HAVE_KERNEL
+struct FwdShared {
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int> active{0};
+  ConvProblem p;
+  int64_t rows = 0, rows_per_chunk = 1, num_chunks = 0;
+  float* y = nullptr;
+};
+
+void FwdWork(FwdShared& s) {
+  s.active.fetch_add(1);
+  for (;;) {
+    const int64_t c = s.next_chunk.fetch_add(1);
+    if (c >= s.num_chunks) break;
+    const int64_t r0 = c * s.rows_per_chunk;
+    FwdDispatch(s.p, r0, std::min(r0 + s.rows_per_chunk, s.rows), s.y);
+  }
+  s.active.fetch_sub(1);
+}
+#endif
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> k,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t pz, int64_t py, int64_t px) {
+#if CC_HAVE_KERNEL
+  auto xd = in.dimensions();
+  auto kd = k.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 5 || kd.size() != 5 || yd.size() != 5 || kd[3] != xd[4] || yd[4] != kd[4])
+    return ffi::Error::InvalidArgument("conv: expects (n, z, y, x, c) x (z, y, x, in, out)");
+  if (yd[4] % 16 != 0)
+    return ffi::Error::InvalidArgument("conv: output channels must be a multiple of 16");
+  auto s = std::make_shared<FwdShared>();
+  s->p = ConvProblem{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
+                     kd[0], kd[1], kd[2], pz, py, px, in.typed_data(), k.typed_data()};
+  s->y = y->typed_data();
+  s->rows = yd[0] * yd[1] * yd[2];
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  s->rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>((512 + yd[3] - 1) / yd[3],
+                                                             s->rows / (8 * workers)));
+  s->num_chunks = (s->rows + s->rows_per_chunk - 1) / s->rows_per_chunk;
+  const int64_t helpers = std::min<int64_t>(workers - 1, s->num_chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { FwdWork(*s); });
+  FwdWork(*s);
+  while (s->active.load() > 0) std::this_thread::yield();
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("conv: built without the x86-64 kernel");
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pz")
                                   .Attr<int64_t>("py")
                                   .Attr<int64_t>("px"));
