@@ -7,7 +7,13 @@
 Measures, after compilation (compile time reported separately) and with
 `block_until_ready`: the SSL and supervised train steps, inference, the target generator
 against scipy, post-processing + matching, and, when torch is importable, the PyTorch peer
-(../shared/peers/torch_saunet.py) on the same shapes in the same process, as a ratio.
+(../shared/peers/torch_saunet.py, its own timer) on the same shapes in the same run, as a
+ratio. The peer runs in a child process: each runtime's idle worker threads spin for a
+while after its last step and slow the other down when both live in one process.
+
+FLOPs are those of XLA's cost analysis of the step in its XLA-native formulation
+(`model.impl=xla`), the same for every impl: cost analysis does not see into the native
+kernels of the 'cpu' formulation.
 """
 import argparse
 import importlib.util
@@ -15,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 
@@ -69,8 +76,9 @@ def timed(fn, args, steps, warmup):
     return (time.perf_counter() - t0) / steps
 
 
-def flops_of(compiled):
-    cost = compiled.cost_analysis()
+def flops_of(stage):
+    """FLOPs from XLA's cost analysis of a lowered or compiled computation."""
+    cost = stage.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost.get("flops", 0.0)) if cost else 0.0
@@ -85,7 +93,8 @@ def matmul_peak(n=2048, steps=10):
     return rate
 
 
-def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=32):
+def train_setup(spatial, batch, ssl, impl, features):
+    """(parallel step, device state, device batch, rng) for the quickstart config."""
     c = quickstart.get_config()
     c.model.features = features
     c.model.impl = impl
@@ -101,11 +110,16 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
         b["unlabeled"] = rng.normal(size=(batch, *spatial, ch)).astype(np.float32)
     par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1],
                          compiler_options=models.compiler_options(model.impl))
-    dstate, dbatch, key = par.put_state(state), par.put_batch(b), jax.random.key(1)
+    return par, par.put_state(state), par.put_batch(b), jax.random.key(1), model.impl
+
+
+def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=32):
+    par, dstate, dbatch, key, impl = train_setup(spatial, batch, ssl, impl, features)
     t0 = time.perf_counter()
     compiled = par.fn.lower(dstate, dbatch, key).compile()
     compile_s = time.perf_counter() - t0
-    flops = flops_of(compiled)
+    flops = flops_of(train_setup(spatial, batch, ssl, "xla", features)[0].fn.lower(
+        dstate, dbatch, key))
 
     def step(s):
         return compiled(s, dbatch, key)[0]
@@ -120,7 +134,7 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
     dt = timed(call, (), steps, warmup)
     images = batch * (2 if ssl else 1)
     rec = {"name": f"train_{'ssl' if ssl else 'supervised'}_{name}", **device_info(),
-           "impl": model.impl, "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
+           "impl": impl, "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
            "features": features, "compile_s": round(compile_s, 2),
            "step_s": round(dt, 4), "steps_per_s": round(1 / dt, 3),
            "images_per_s": round(images / dt, 3), "flops_per_step": flops,
@@ -132,41 +146,25 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
 
 
 def bench_torch(spatial, batch, steps, warmup, jax_rec):
-    try:
-        import torch
-    except ImportError:
-        emit({"name": f"torch_peer_{len(spatial)}d", "skipped": "torch not importable"})
+    """The peer's own timer, `torch_saunet.py`, in a child process (see the module docstring)."""
+    name = f"torch_peer_supervised_{len(spatial)}d"
+    if importlib.util.find_spec("torch") is None:
+        emit({"name": name, "skipped": "torch not importable"})
         return
     if not os.path.exists(PEER):
-        emit({"name": f"torch_peer_{len(spatial)}d", "skipped": f"{PEER} not found"})
+        emit({"name": name, "skipped": f"{PEER} not found"})
         return
-    spec = importlib.util.spec_from_file_location("torch_saunet", PEER)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    torch.manual_seed(0)
-    ndim = len(spatial)
-    cin = 3 if ndim == 2 else 1
-    net = peer.SAUNet(ndim, cin, 32)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    x, y = torch.rand(batch, cin, *spatial), torch.rand(batch, 1, *spatial)
-
-    def step():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        loss.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = (time.perf_counter() - t0) / steps
-    rec = {"name": f"torch_peer_supervised_{ndim}d", "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "spatial": list(spatial), "batch": batch,
-           "params": sum(p.numel() for p in net.parameters()), "step_s": round(dt, 4),
-           "images_per_s": round(batch / dt, 3)}
+    args = [sys.executable, PEER, "--ndim", str(len(spatial)), "--size", str(spatial[-1]),
+            "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+    if len(spatial) == 3:
+        args += ["--depth", str(spatial[0])]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    peer = json.loads(out.strip().splitlines()[-1])
+    rec = {"name": name, "torch": peer["torch"], "threads": peer["threads"],
+           "spatial": peer["spatial"], "batch": batch, "params": peer["params"],
+           "step_s": peer["step_s"], "images_per_s": peer["images_per_s"]}
     if jax_rec:
+        rec["jax_impl"] = jax_rec["impl"]
         rec["jax_images_per_s"] = jax_rec["images_per_s"]
         rec["ratio_jax_over_torch"] = round(jax_rec["images_per_s"] / rec["images_per_s"], 3)
     emit(rec)
@@ -181,7 +179,8 @@ def bench_infer(name, spatial, batch, steps, warmup, impl):
     t0 = time.perf_counter()
     compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - t0
-    flops = flops_of(compiled)
+    xla_model = models.SAUNet(32, impl="xla")
+    flops = flops_of(jax.jit(lambda p, x: xla_model.apply({"params": p}, x)).lower(params, x))
     dt = timed(compiled, (params, x), steps, warmup)
     emit({"name": f"infer_{name}", **device_info(), "impl": model.impl, "spatial": list(spatial), "batch": batch,
           "compile_s": round(compile_s, 2), "step_s": round(dt, 4),
@@ -250,7 +249,7 @@ def main():
         cases = [c for c in cases if c[0] in ("2d_128", "3d_32x64x64")]
     for name, spatial, batch in cases:
         big = np.prod(spatial) * batch > 300_000
-        s, w = (2, 1) if big else (steps, warmup)
+        s, w = (2, 1) if big else (5, 2)
         rec = None
         for impl in impls if "train" in only else ():
             bench_train(name, spatial, batch, True, s, w, peak, impl)

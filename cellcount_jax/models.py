@@ -10,14 +10,16 @@ that a train step can perturb encoder features between them (the paper's student
 `impl` picks how the convolutions are expressed, with the same parameters and the same values:
 - 'xla': `lax` convolutions as written (3D kernels, transposed convolutions), what XLA's
   GPU/TPU backends optimise best;
-- 'cpu': a 3x3x3 convolution as one 2D convolution (z folded into the batch, the z taps into
-  the channels), 2D convolutions whose kernel gradient swaps its operands' roles where that
-  moves less data (`conv2d`), 2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed
-  convolution as one matrix product + depth-to-space, the 1x1(x1) output convolution as a
-  matrix product, and `compiler_options(impl)` for every jit of the model, which routes
-  XLA:CPU's convolutions to its Eigen kernels instead of the YNNPACK fusions (whose weight
-  gradient, a convolution with an image-sized kernel, runs at a fifth of the forward's
-  speed). 4-5x faster training on CPU; see the README's Performance section.
+- 'cpu': the 3x3(x3) convolutions through custom VJPs (`conv2d`, `conv3d_folded`) that call
+  the native AVX-512 kernels of `native` (forward and input gradient on rows >= 32 wide,
+  kernel gradient everywhere) where they run, and otherwise XLA formulations that suit
+  XLA:CPU: a 3D convolution as one 2D convolution (z folded into the batch, the z taps into
+  the channels) and a kernel gradient whose operands swap roles where that moves less data;
+  2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed convolution as one matrix
+  product + depth-to-space, the 1x1(x1) output convolution as a matrix product, and
+  `compiler_options(impl)` for every jit of the model, which routes XLA:CPU's remaining
+  convolutions to its Eigen kernels instead of the YNNPACK fusions. 5-10x faster training
+  on CPU; see the README's Performance section.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 """
 import functools
