@@ -158,7 +158,8 @@ def _native_conv_or(xla_conv, x, kernel, padding):
     """A stride-1 convolution by `native.conv` where it runs (CPU backend, an AVX-512 CPU,
     float32, output channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
     `xla_conv(x, kernel)`."""
-    if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH):
+    if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH
+            and min(min(pad) for pad in padding) >= 0):
         return xla_conv(x, kernel)
     return lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv(x, k, padding),
                                   default=xla_conv)

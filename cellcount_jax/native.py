@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-TARGET = "cellcount_conv_kernel_grad"
+KERNEL_GRAD_TARGET = "cellcount_conv_kernel_grad"
 CONV_TARGET = "cellcount_conv"
 
 
@@ -32,7 +32,7 @@ def _library():
     lib = ctypes.CDLL(spec.origin)
     if not lib.cc_native_supported():
         return None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
+    jax.ffi.register_ffi_target(KERNEL_GRAD_TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.CcConv), platform="cpu")
     return lib
 
@@ -56,6 +56,8 @@ def conv(x, kernel, padding):
     spatial_out = spatial + lo + hi - kernel_spatial + 1, as `lax.conv_general_dilated`.
     """
     _check()
+    if any(p < 0 for pad in padding for p in pad):
+        raise ValueError(f"native.conv: paddings must be >= 0, got {padding}")
     two_d = x.ndim == 4
     if two_d:
         x, kernel, padding = x[:, None], kernel[None], ((0, 0), *padding)
@@ -84,7 +86,7 @@ def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
     kz, ky, kx = (int(k) for k in kernel_spatial)
     pz, py, px = (int(p) for p in pad_lo)
     out = jax.ShapeDtypeStruct((kz, ky, kx, x.shape[-1], g.shape[-1]), np.float32)
-    dk = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+    dk = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
         x, g, kz=np.int64(kz), ky=np.int64(ky), kx=np.int64(kx),
         pz=np.int64(pz), py=np.int64(py), px=np.int64(px))
     return dk[0] if two_d else dk

@@ -1,15 +1,20 @@
-// Kernel gradient of a stride-1 2D/3D convolution, channels last, as an XLA FFI call (CPU).
+// Stride-1 2D/3D convolution and its kernel gradient, channels last, as XLA FFI calls (CPU).
 //
-//   dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
-//                                             * g[n, z, y, x, co]
+//   conv:        y[n, z, y, x, co] = sum_{t, ci} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
+//                                               * k[tz, ty, tx, ci, co]
+//   kernel grad: dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, y + ty - py,
+//                                                             x + tx - px, ci] * g[n, z, y, x, co]
 //
-// over the input positions inside the array (zero padding). XLA:CPU computes this as a
-// convolution whose "kernel" is the image-sized output gradient, at a fraction of the forward
-// convolution's speed; here it is a register-blocked outer-product loop: for each tap and each
-// block of (input, output) channels the accumulators stay in registers while a chunk of output
-// rows streams through, reading both operands in their natural channels-last layout (no
-// im2col, no transposes). Chunks of rows are shared out over XLA's intra-op thread pool; each
-// worker sums into its own copy of dk and the copies are added at the end.
+// over the input positions inside the array (zero padding); 2D is the case of one z plane.
+// XLA:CPU computes the kernel gradient as a convolution whose "kernel" is the image-sized
+// output gradient, at a fraction of the forward convolution's speed, and has no fast 3D
+// convolution. Both are register-blocked loops here, reading the operands in their natural
+// channels-last layout (no im2col, no transposes): the kernel gradient keeps a block of
+// (input, output) channel accumulators in registers while a chunk of output rows streams
+// through, for each tap; the convolution keeps a block of (output pixels, output channels)
+// while the taps and input channels stream through. Chunks of rows are shared out over XLA's
+// intra-op thread pool; for the kernel gradient each worker sums into its own copy of dk and
+// the copies are added at the end.
 //
 // The vector code is AVX-512 (`cc_native_supported` tells whether this CPU has it); the Python
 // side falls back to XLA's formulation elsewhere.
@@ -215,33 +220,31 @@ void AddInto(float* dst, const float* src, int64_t size) {
 #pragma GCC pop_options
 #endif  // __x86_64__
 
+// The rows are split into a fixed number of parts, each summed in row order into its own
+// buffer (part 0: the result), and the parts are added in order: the result does not depend
+// on which thread took which part, so training runs are reproducible.
 struct Shared {
-  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> next_part{0};
   std::atomic<int> active{0};
-  std::atomic<int> slots{1};  // slot 0 is the caller's (the result buffer)
-  std::vector<std::unique_ptr<float[]>> partial;
-  std::vector<char> used;
+  std::vector<float*> part_dk;
+  std::vector<std::unique_ptr<float[]>> storage;
   Problem p;
-  int64_t rows_per_chunk = 1, num_chunks = 0, dk_size = 0;
+  int64_t rows = 0, rows_per_chunk = 1, num_parts = 1, dk_size = 0;
 };
 
 #if CC_HAVE_KERNEL
-// Claims chunks until none is left; a worker that gets one sums into its own slot.
-void Work(Shared& s, float* own) {
+// Claims parts until none is left.
+void Work(Shared& s) {
   s.active.fetch_add(1);
-  float* dk = own;
   for (;;) {
-    const int64_t c = s.next_chunk.fetch_add(1);
-    if (c >= s.num_chunks) break;
-    if (dk == nullptr) {
-      const int slot = s.slots.fetch_add(1);
-      dk = s.partial[slot].get();
-      std::memset(dk, 0, s.dk_size * sizeof(float));
-      s.used[slot] = 1;
-    }
-    const int64_t r0 = c * s.rows_per_chunk;
-    const int64_t r1 = std::min(r0 + s.rows_per_chunk, s.p.n * s.p.dz * s.p.dy);
-    RowsDispatch(s.p, r0, r1, dk);
+    const int64_t part = s.next_part.fetch_add(1);
+    if (part >= s.num_parts) break;
+    float* dk = s.part_dk[part];
+    std::memset(dk, 0, s.dk_size * sizeof(float));
+    const int64_t r_end = s.rows * (part + 1) / s.num_parts;
+    // Chunks of rows within the part keep what the rows read in L2 across taps and blocks.
+    for (int64_t r0 = s.rows * part / s.num_parts; r0 < r_end; r0 += s.rows_per_chunk)
+      RowsDispatch(s.p, r0, std::min(r0 + s.rows_per_chunk, r_end), dk);
   }
   s.active.fetch_sub(1);
 }
@@ -262,27 +265,25 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
   s->p = Problem{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
                  kz, ky, kx, pz, py, px, in.typed_data(), g.typed_data()};
   s->dk_size = kz * ky * kx * xd[4] * gd[4];
-  const int64_t rows = gd[0] * gd[1] * gd[2];
-  // Chunks of ~512 output pixels: the rows they read stay in L2 across taps and channel
-  // blocks, and there are enough of them to balance the threads.
+  s->rows = gd[0] * gd[1] * gd[2];
+  // Chunks of ~512 output pixels: the rows they read stay in L2 across taps and channel blocks.
+  s->rows_per_chunk = std::max<int64_t>(1, (512 + gd[3] - 1) / gd[3]);
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  s->rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>((512 + gd[3] - 1) / gd[3],
-                                                             rows / (8 * workers)));
-  s->num_chunks = (rows + s->rows_per_chunk - 1) / s->rows_per_chunk;
-  s->partial.resize(workers);
-  s->used.assign(workers, 0);
-  for (int64_t i = 1; i < workers; ++i) s->partial[i].reset(new float[s->dk_size]);
+  s->num_parts = std::max<int64_t>(1, std::min<int64_t>(workers, s->rows / s->rows_per_chunk));
   float* out = dk->typed_data();
-  std::memset(out, 0, s->dk_size * sizeof(float));
-  // Helpers that start late (the pool busy with other work) find no chunk left and return;
+  s->part_dk.assign(s->num_parts, out);
+  s->storage.resize(s->num_parts);
+  for (int64_t i = 1; i < s->num_parts; ++i) {
+    s->storage[i].reset(new float[s->dk_size]);
+    s->part_dk[i] = s->storage[i].get();
+  }
+  // Helpers that start late (the pool busy with other work) find no part left and return;
   // the caller never waits for a helper that has not started, so this cannot deadlock.
-  const int64_t helpers = std::min<int64_t>(workers - 1, s->num_chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { Work(*s, nullptr); });
-  Work(*s, out);
-  // Every chunk is claimed; wait for the workers still summing one.
+  for (int64_t i = 1; i < s->num_parts; ++i) pool.Schedule([s] { Work(*s); });
+  Work(*s);
+  // Every part is claimed; wait for the workers still summing one.
   while (s->active.load() > 0) std::this_thread::yield();
-  for (int64_t i = 1; i < workers; ++i)
-    if (s->used[i]) AddInto(out, s->partial[i].get(), s->dk_size);
+  for (int64_t i = 1; i < s->num_parts; ++i) AddInto(out, s->part_dk[i], s->dk_size);
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("conv kernel grad: built without the x86-64 kernel");
