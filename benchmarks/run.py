@@ -158,8 +158,11 @@ def bench_torch(spatial, batch, steps, warmup, jax_rec):
             "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
     if len(spatial) == 3:
         args += ["--depth", str(spatial[0])]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    peer = json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode != 0:
+        emit({"name": name, "skipped": f"peer failed: {run.stderr.strip()[-500:]}"})
+        return
+    peer = json.loads(run.stdout.strip().splitlines()[-1])
     rec = {"name": name, "torch": peer["torch"], "threads": peer["threads"],
            "spatial": peer["spatial"], "batch": batch, "params": peer["params"],
            "step_s": peer["step_s"], "images_per_s": peer["images_per_s"]}
