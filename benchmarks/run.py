@@ -33,7 +33,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cellcount_jax import models, optim, postprocess, metrics, targets, train  # noqa: E402
+from cellcount_jax import convolutions, models, optim, postprocess, metrics, targets, train  # noqa: E402
 from configs import quickstart  # noqa: E402
 
 PEER = os.path.join(ROOT, "..", "shared", "peers", "torch_saunet.py")
@@ -108,8 +108,7 @@ def train_setup(spatial, batch, ssl, impl, features):
          "target": rng.uniform(size=(batch, *spatial)).astype(np.float32)}
     if ssl:
         b["unlabeled"] = rng.normal(size=(batch, *spatial, ch)).astype(np.float32)
-    par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1],
-                         compiler_options=models.compiler_options(model.impl))
+    par = train.Parallel(train.make_train_step(c, model, tx, lr), "shard_map", jax.devices()[:1])
     return par, par.put_state(state), par.put_batch(b), jax.random.key(1), model.impl
 
 
@@ -175,10 +174,10 @@ def bench_torch(spatial, batch, steps, warmup, jax_rec):
 
 def bench_infer(name, spatial, batch, steps, warmup, impl):
     ch = 3 if len(spatial) == 2 else 1
-    model = models.SAUNet(32, impl=models.resolve_impl(impl))
+    model = models.SAUNet(32, impl=convolutions.resolve_impl(impl))
     params = models.init_params(model, jax.random.key(0), (1, *spatial, ch))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *spatial, ch)), jnp.float32)
-    fn = models.jit(lambda p, x: model.apply({"params": p}, x), model.impl)
+    fn = convolutions.jit(lambda p, x: model.apply({"params": p}, x))
     t0 = time.perf_counter()
     compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - t0

@@ -1,14 +1,26 @@
-"""Checkpoints of the train state with orbax: periodic saves, resume from the latest."""
+"""Checkpoints of the train state with orbax: periodic saves, resume from the newest readable.
+
+A checkpoint that cannot be read (a truncated file, as a full disk leaves it) is moved to
+`<workdir>/checkpoints_damaged/<step>` with a warning that names it, and the one before is
+used: a damaged latest checkpoint costs the steps since the previous one, not the run.
+"""
+import logging
 import os
+import shutil
+import warnings
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str, save_every: int, max_to_keep: int = 3):
+def directory(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, save_every: int = 1, max_to_keep: int = 3):
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        directory(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              save_interval_steps=save_every, create=True))
 
@@ -18,11 +30,63 @@ def save(mngr, step: int, state):
     mngr.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=True)
 
 
-def restore_latest(mngr, state):
-    """The latest checkpoint restored into the structure of `state`, or `state` if none."""
-    step = mngr.latest_step()
-    if step is None:
-        return state
+def _quiet_restore(fn):
+    # orbax logs the failure of a damaged checkpoint at length (asyncio tracebacks) before it
+    # raises; the caller reports it in one line.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return fn()
+    finally:
+        logger.setLevel(level)
+
+
+def _restore_newest(mngr, workdir, restore_fn):
+    """restore_fn(step) on the newest readable step; damaged ones are moved aside."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, _quiet_restore(lambda: restore_fn(step))
+        except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+            src = os.path.join(directory(workdir), str(step))
+            dst = os.path.join(os.path.abspath(workdir), "checkpoints_damaged", str(step))
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(src, dst)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            warnings.warn(f"checkpoint {src} is damaged ({first}); moved to {dst}, using the "
+                          f"one before", stacklevel=3)
+            mngr.reload()
+    return None, None
+
+
+def restore_latest(mngr, state, workdir: str = None):
+    """The newest readable checkpoint restored into the structure of `state`, or `state` if
+    there is none. `workdir` (where `mngr` keeps its checkpoints) enables moving damaged ones
+    aside."""
     target = jax.tree.map(np.asarray, jax.device_get(state))
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    return jax.tree.map(np.asarray, restored)
+    if workdir is None:
+        step = mngr.latest_step()
+        if step is None:
+            return state
+        return jax.tree.map(np.asarray, mngr.restore(step, args=ocp.args.StandardRestore(target)))
+    step, restored = _restore_newest(
+        mngr, workdir, lambda s: mngr.restore(s, args=ocp.args.StandardRestore(target)))
+    return state if step is None else jax.tree.map(np.asarray, restored)
+
+
+def restore_params(workdir: str):
+    """(step, params) of the newest readable checkpoint in `workdir`, without building an
+    optimizer: the saved tree as it is, of which only the parameters are kept."""
+    if not os.path.isdir(directory(workdir)):
+        return None, None
+    mngr = manager(workdir)
+    try:
+        step, restored = _restore_newest(
+            mngr, workdir, lambda s: mngr.restore(s, args=ocp.args.StandardRestore()))
+    finally:
+        mngr.close()
+    if step is None:
+        return None, None
+    return step, jax.tree.map(np.asarray, restored["params"])

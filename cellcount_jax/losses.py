@@ -15,6 +15,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cellcount_jax.errors import InputError
 
 
 def mse(pred, target):
@@ -52,7 +53,7 @@ def focal_weight(teacher, peaks: str = "reference", threshold: float = 0.0):
     if peaks == "strict":
         is_peak &= teacher > threshold
     elif peaks != "reference":
-        raise ValueError(f"config.loss.peaks must be 'reference' or 'strict', got {peaks!r}")
+        raise InputError(f"config.loss.peaks must be 'reference' or 'strict', got {peaks!r}")
     return jax.lax.stop_gradient(_gaussian_blur(is_peak.astype(teacher.dtype)))
 
 
@@ -79,9 +80,9 @@ def get(name: str):
         try:
             return getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import loss {name!r}: {e}") from e
+            raise InputError(f"cannot import loss {name!r}: {e}") from e
     fn = globals().get(name)
     if fn is None or name.startswith("_") or not callable(fn) or name == "get":
-        raise ValueError(f"unknown loss {name!r}; use a function of cellcount_jax.losses or "
+        raise InputError(f"unknown loss {name!r}; use a function of cellcount_jax.losses or "
                          f"'package.module:function'")
     return fn

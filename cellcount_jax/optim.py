@@ -1,6 +1,7 @@
 """Learning-rate schedules and the optax optimizer chain."""
 import jax.numpy as jnp
 import optax
+from cellcount_jax.errors import InputError
 
 
 def sgdr_schedule(base_lr: float, total_steps: int, first_period: int = 50, mult: int = 2,
@@ -24,7 +25,7 @@ def create_learning_rate_fn(config, total_steps: int):
                              config.alpha)
     if config.schedule == "constant":
         return optax.constant_schedule(config.lr)
-    raise ValueError(f"config.optim.schedule must be 'cosine', 'sgdr' or 'constant', "
+    raise InputError(f"config.optim.schedule must be 'cosine', 'sgdr' or 'constant', "
                      f"got {config.schedule!r}")
 
 
@@ -38,7 +39,7 @@ def create_optimizer(config, total_steps: int):
         return optax.adam(lr), lr
     if config.name == "adamw":
         return optax.adamw(lr, weight_decay=config.weight_decay), lr
-    raise ValueError(f"config.optim.name must be 'adam' or 'adamw', got {config.name!r}")
+    raise InputError(f"config.optim.name must be 'adam' or 'adamw', got {config.name!r}")
 
 
 def consistency_weight(step, length: int = 150, shape: str = "exp"):
@@ -56,5 +57,5 @@ def consistency_weight(step, length: int = 150, shape: str = "exp"):
         return t
     if shape == "constant":
         return jnp.ones_like(t)
-    raise ValueError(f"config.ssl.ramp_shape must be 'exp', 'sigmoid', 'linear' or 'constant', "
+    raise InputError(f"config.ssl.ramp_shape must be 'exp', 'sigmoid', 'linear' or 'constant', "
                      f"got {shape!r}")

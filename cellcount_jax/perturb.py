@@ -1,6 +1,7 @@
 """Perturbations of encoder features for the student branch of self-supervised training."""
 import jax
 import jax.numpy as jnp
+from cellcount_jax.errors import InputError
 
 
 def feature_noise(rng, feats, first_row: int, rate: float = 1.0, where: str = "all"):
@@ -12,7 +13,7 @@ def feature_noise(rng, feats, first_row: int, rate: float = 1.0, where: str = "a
     (reference code), 'bottleneck' the bottleneck only (the paper's wording).
     """
     if where not in ("all", "bottleneck"):
-        raise ValueError(f"config.ssl.noise_at must be 'all' or 'bottleneck', got {where!r}")
+        raise InputError(f"config.ssl.noise_at must be 'all' or 'bottleneck', got {where!r}")
     out = []
     for i, f in enumerate(feats):
         if where == "all" or i == len(feats) - 1:

@@ -2,6 +2,8 @@
 import numpy as np
 from scipy import ndimage
 
+from cellcount_jax.errors import InputError
+
 
 def detect(density: np.ndarray, threshold: float, min_size: int = 1):
     """Centroids (n, ndim) in pixel coordinates of the components of `density > threshold`.
@@ -34,3 +36,18 @@ def local_maxima(density: np.ndarray, threshold: float, size: int = 3):
         return np.zeros((0, density.ndim), np.float32)
     centres = ndimage.center_of_mass(peaks, labels, np.arange(1, n + 1))
     return np.asarray(centres, np.float32).reshape(-1, density.ndim)
+
+
+DETECTORS = ("components", "peaks")
+
+
+def detect_with(density: np.ndarray, threshold: float, detector: str = "components",
+                min_size: int = 1):
+    """Detections (n, ndim) in pixels by `detector`: 'components' (`detect`) or 'peaks'
+    (`local_maxima`)."""
+    if detector == "components":
+        return detect(density, threshold, min_size)
+    if detector == "peaks":
+        return local_maxima(density, threshold)
+    raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
+                     f"got {detector!r}")

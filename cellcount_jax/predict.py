@@ -1,29 +1,21 @@
-"""Counting and locating cells in new images with a trained model.
+"""Counting and locating cells in new images with a model folder.
 
 For each image of a folder (or one file): `<name>_detections.csv` (pixel and physical
 coordinates, density at the detection), `<name>_density.tif` (float32 map), `<name>_overlay.png`
-(the image with detections in red and, when annotations are given, ground truth in green;
-3D volumes are shown as a maximum projection along z), and one `counts.csv` for all images.
-The normalisation, threshold and detector come from `<workdir>/inference.json`, which
-evaluation writes after training.
+(the image with detections as red crosses and, when annotations are given, ground truth as
+green circles, with a legend; 3D volumes as a maximum projection along z), and one
+`counts.csv` for all images. Everything comes from the model folder (`model_folder.load_model`).
 """
 import csv
-import json
 import os
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from cellcount_jax import evaluation, metrics, train
+from cellcount_jax import metrics, model_folder
 from cellcount_jax.data import Split, io, read_annotation, read_folder
-
-
-def normalise_image(image, norm):
-    image = image * norm.get("input_scale", 1.0)
-    if norm["mode"] == "channel_stats":
-        return ((image - np.asarray(norm["mean"])) / np.asarray(norm["std"])).astype(np.float32)
-    return ((image - image.min()) / max(float(image.max() - image.min()), 1e-12)).astype(np.float32)
+from cellcount_jax.errors import InputError
 
 
 def _to_rgb8(image):
@@ -52,7 +44,8 @@ def _draw(rgb, points, colour, radius, cross=False):
 
 
 def overlay(image, detections, truth=None, scale: int = 2):
-    """RGB uint8 overlay: ground truth as green circles, detections as red crosses."""
+    """RGB uint8 overlay: ground truth as green circles, detections as red crosses, and a
+    legend strip below the image with the counts."""
     rgb = _to_rgb8(image)
     rgb = np.repeat(np.repeat(rgb, scale, 0), scale, 1)
     up = lambda pts: np.asarray(pts, np.float64) * scale + (scale - 1) / 2
@@ -60,62 +53,67 @@ def overlay(image, detections, truth=None, scale: int = 2):
         _draw(rgb, up(truth), (0, 255, 0), 3 * scale)
     if len(detections):
         _draw(rgb, up(detections), (255, 0, 0), 2 * scale, cross=True)
-    return rgb
+    legend = Image.new("RGB", (rgb.shape[1], 14 if truth is None else 28), (0, 0, 0))
+    draw = ImageDraw.Draw(legend)
+    draw.text((4, 1), f"+ red: {len(detections)} detections", fill=(255, 64, 64))
+    if truth is not None:
+        draw.text((4, 15), f"o green: {len(truth)} annotated cells", fill=(64, 255, 64))
+    return np.concatenate([rgb, np.asarray(legend)], 0)
 
 
-def load_inference_info(workdir):
-    path = os.path.join(workdir, "inference.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: train (or --mode=evaluate) in {workdir} first")
-    with open(path) as f:
-        return json.load(f)
+def read_inputs(inputs: str, ndim: int, annotations: str = ""):
+    """A Split of a folder of images or of one image file, with optional annotations."""
+    if os.path.isdir(inputs):
+        return read_folder(inputs, annotations, ndim)
+    if os.path.isfile(inputs):
+        image = io.read_image(inputs, ndim)
+        dots = read_annotation(annotations, image.shape[:-1], inputs) if annotations else None
+        return Split([image], [dots], [os.path.splitext(os.path.basename(inputs))[0]])
+    raise InputError(f"--input {inputs!r} is neither a folder nor a file")
 
 
-def predict_paths(config, model, params, workdir, inputs, output, annotations=""):
-    """Runs the model on `inputs` (a folder or one PNG/TIFF file), writes to `output`.
+def predict_paths(predictor, inputs: str, output: str, annotations: str = ""):
+    """Runs `predictor` on `inputs` (a folder or one PNG/TIFF file), writes to `output`,
+    prints one line per image and returns the rows of counts.csv.
 
     annotations: for a folder, a folder of `<stem>.csv` / mask files; for one file, its dot
     CSV or mask file. Optional: with it, overlays show the truth and counts.csv scores."""
-    info = load_inference_info(workdir)
-    ndim = len(config.train.crop)
-    if os.path.isdir(inputs):
-        split = read_folder(inputs, annotations, ndim)
-    elif os.path.isfile(inputs):
-        image = io.read_image(inputs, ndim)
-        dots = read_annotation(annotations, image.shape[:-1], inputs) if annotations else None
-        split = Split([image], [dots], [os.path.splitext(os.path.basename(inputs))[0]])
-    else:
-        raise ValueError(f"--input {inputs!r} is neither a folder nor a file")
+    split = read_inputs(inputs, predictor.ndim, annotations)
     os.makedirs(output, exist_ok=True)
-    spacing = tuple(info["spacing"])
-    predict = evaluation.make_predict_fn(model, info["normalisation"]["mode"] == "minmax")
+    spacing = predictor.spacing
+    radius = predictor.record["detector"]["radius"] if predictor.calibrated else None
     counts = []
+    print(f"{'image':<24}{'detections':>11}{'integration':>12}" +
+          (f"{'true':>6}{'TP':>6}{'FP':>6}{'FN':>6}" if annotations else ""), flush=True)
     for image, dots, name in zip(split.images, split.dots, split.names):
-        density = predict(params, normalise_image(image, info["normalisation"]))
-        det = evaluation.detect(density, info["threshold"], info["detector"], info["min_size"])
-        at = density[tuple(np.clip(np.round(det).astype(int), 0, np.array(density.shape) - 1).T)]
-        io.write_dots_csv(os.path.join(output, f"{name}_detections.csv"), det, spacing,
-                          {"density": at})
+        density = predictor.density(image)
+        det = predictor.detections_of(density)
+        io.write_dots_csv(os.path.join(output, f"{name}_detections.csv"), det.pixels, spacing,
+                          {"density": det.density})
         tifffile.imwrite(os.path.join(output, f"{name}_density.tif"), density.astype(np.float32),
                          photometric="minisblack")
-        Image.fromarray(overlay(image, det, dots)).save(os.path.join(output, f"{name}_overlay.png"))
+        Image.fromarray(overlay(image, det.pixels, dots)).save(
+            os.path.join(output, f"{name}_overlay.png"))
         row = {"name": name, "count_detections": len(det),
-               "count_integration": round(float(density.sum() / info["mass_per_dot"]), 2)}
+               "count_integration": round(det.count_integration, 2)}
+        line = f"{name:<24}{len(det):>11d}{det.count_integration:>12.1f}"
         if dots is not None:
-            tp, fp, fn = metrics.match(det, dots, info["radius"], spacing)
+            tp, fp, fn = metrics.match(det.pixels, dots, radius, spacing)
             row.update(true_count=len(dots), tp=tp, fp=fp, fn=fn)
+            line += f"{len(dots):>6d}{tp:>6d}{fp:>6d}{fn:>6d}"
+        print(line, flush=True)
         counts.append(row)
     keys = list(dict.fromkeys(k for r in counts for k in r))
     with open(os.path.join(output, "counts.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows(counts)
-    print(f"wrote detections, density maps and overlays of {len(counts)} image(s) to {output}")
+    total = sum(r["count_detections"] for r in counts)
+    print(f"{len(counts)} image(s), {total} cells detected; detections, density maps, overlays "
+          f"and counts.csv in {output}", flush=True)
     return counts
 
 
-def predict_cli(config, workdir, inputs, output, annotations=""):
-    """`launch.py --mode=predict`: the latest checkpoint of `workdir` on `inputs`."""
-    channels = load_inference_info(workdir)["channels"]
-    model, params = train.restore_params(config, workdir, channels)
-    return predict_paths(config, model, params, workdir, inputs, output, annotations)
+def predict_folder(workdir: str, inputs: str, output: str, annotations: str = ""):
+    """`cellcount predict`: the model folder `workdir` on `inputs`."""
+    return predict_paths(model_folder.load_model(workdir), inputs, output, annotations)

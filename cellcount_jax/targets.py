@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cellcount_jax.errors import InputError
 
 # Squared distance standing for "no seed reached yet"; finite so that BIG + d^2 stays ordered.
 _BIG = 1e20
@@ -22,7 +23,7 @@ def _spacing(spacing, ndim):
         return (1.0,) * ndim
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (ndim,)))
     if min(spacing) <= 0:
-        raise ValueError(f"spacing must be positive, got {spacing}")
+        raise InputError(f"spacing must be positive, got {spacing}")
     return spacing
 
 
@@ -226,4 +227,4 @@ def make_target_fn(kind: str, shape: Sequence[int], scale: float = 1.0, spacing=
         return lambda d, n: scale * inverse_distance(d, n, shape, spacing, cutoff)
     if kind == "gaussian":
         return lambda d, n: scale * gaussian_density(d, n, shape, sigma, spacing)
-    raise ValueError(f"config.target.kind must be 'inverse_distance' or 'gaussian', got {kind!r}")
+    raise InputError(f"config.target.kind must be 'inverse_distance' or 'gaussian', got {kind!r}")

@@ -1,10 +1,13 @@
-"""The train step (supervised + focal consistency), its multi-device wrappers, and the loop.
+"""The train step (supervised + focal consistency), its multi-device wrapper, and the loop.
 
 The state is a plain dict `{'step', 'params', 'opt'[, 'teacher']}`. `make_train_step` builds
-one per-device pure function `step(state, batch, rng) -> (state, metrics)`; `parallelize`
-wraps that same body with `jax.pmap` or `jax.shard_map` over the local devices, with
-gradients averaged by `lax.pmean` over the device axis.
+one per-device pure function `step(state, batch, rng) -> (state, metrics)`; `Parallel`
+runs that same body with `jax.pmap` or `jax.shard_map` over the local devices, with
+gradients averaged by `lax.pmean` over the device axis. `train_and_evaluate` is the loop:
+it writes the model folder (`model_folder`), the run records (`records`), stops at the first
+non-finite step, then calibrates the detector and scores the held-out images.
 """
+import sys
 import time
 
 import jax
@@ -13,7 +16,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cellcount_jax import checkpoints, data, evaluation, losses, models, optim, perturb
+from cellcount_jax import (checkpoints, convolutions, data, evaluation, losses, model_folder,
+                           models, optim, perturb, records)
+from cellcount_jax.errors import InputError
 
 AXIS = "batch"
 
@@ -24,11 +29,11 @@ def create_model(config):
     the convolution formulation, resolved here for the current backend."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.model.dtype not in dtypes:
-        raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, "
+        raise InputError(f"config.model.dtype must be one of {sorted(dtypes)}, "
                          f"got {config.model.dtype!r}")
     return models.SAUNet(features=config.model.features, dropout=config.model.dropout,
                          dtype=dtypes[config.model.dtype],
-                         impl=models.resolve_impl(config.model.get("impl", "auto")))
+                         impl=convolutions.resolve_impl(config.model.get("impl", "auto")))
 
 
 def create_train_state(config, model, tx, rng, input_shape):
@@ -107,6 +112,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
         metrics.update(w=w, lr=lr_fn(state["step"]), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(new_params),
                        update_norm=optax.tree.norm(updates))
+        # The loop stops at the first step where this is false and never saves its state.
+        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for k, v in metrics.items()
+                                               if k != "lr"]))
         return new_state, metrics
 
     return step
@@ -116,14 +124,15 @@ class Parallel:
     """The step on all `devices`, with `jax.pmap` or `jax.shard_map` ('pmap' | 'shard_map').
 
     `put_state` / `get_state` move a host state to the devices and back; `put_batch` splits a
-    global batch (leading axis divisible by the device count) across them.
-    compiler_options: XLA options for compiling the step (`models.compiler_options`).
+    global batch (leading axis divisible by the device count) across them. The step is
+    compiled with the model's compiler options for the devices' platform
+    (`convolutions.compiler_options`).
     """
 
-    def __init__(self, step, mode: str = "pmap", devices=None, compiler_options=None):
+    def __init__(self, step, mode: str = "pmap", devices=None):
         self.devices = list(devices or jax.local_devices())
         self.mode = mode
-        self.options = compiler_options
+        self.options = convolutions.compiler_options(self.devices[0].platform)
         self.compiled = None
         n = len(self.devices)
         if mode == "pmap":
@@ -136,9 +145,9 @@ class Parallel:
             # (as under pmap), so the body's own pmean is the only reduction.
             body = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
                                  out_specs=(P(), P()), check_vma=False)
-            self.fn = jax.jit(body, donate_argnums=(0,), compiler_options=compiler_options)
+            self.fn = jax.jit(body, donate_argnums=(0,), compiler_options=self.options)
         else:
-            raise ValueError(f"config.train.parallel must be 'pmap' or 'shard_map', got {mode!r}")
+            raise InputError(f"config.train.parallel must be 'pmap' or 'shard_map', got {mode!r}")
         self.n = n
 
     def run_pmap(self, *args):
@@ -165,7 +174,7 @@ class Parallel:
     def put_batch(self, batch):
         for k, v in batch.items():
             if v.shape[0] % self.n:
-                raise ValueError(f"batch '{k}' of size {v.shape[0]} does not split over "
+                raise InputError(f"batch '{k}' of size {v.shape[0]} does not split over "
                                  f"{self.n} devices")
         if self.mode == "pmap":
             return {k: v.reshape((self.n, -1) + v.shape[1:]) for k, v in batch.items()}
@@ -178,6 +187,7 @@ class Parallel:
         return state, metrics
 
 
+
 def log(message: str):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -187,9 +197,40 @@ def batch_rng(seed: int, step: int):
     return np.random.default_rng([seed, step])
 
 
-def train_and_evaluate(config, workdir: str):
-    """Trains on config.data, checkpoints into `workdir`, evaluates; returns the eval summary."""
+class Diverged(InputError):
+    """Training produced a non-finite loss, gradient or parameter."""
+
+
+def _check_finite(step: int, metrics, saved_step: int):
+    """Raises `Diverged` naming the step and the non-finite terms unless metrics['finite']."""
+    if bool(metrics["finite"]):
+        return
+    m = jax.device_get(metrics)
+    bad = [k for k, v in m.items() if k != "finite" and not np.isfinite(v)]
+    raise Diverged(f"training diverged at step {step}: non-finite {', '.join(bad)}. Nothing "
+                   f"of this step was saved; the latest checkpoint is step {saved_step}. Lower "
+                   f"config.optim.lr or check the inputs and targets")
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _mass_per_dot(train_set) -> float:
+    return (sum(float(t.sum()) for t in train_set.targets)
+            / max(sum(len(d) for d in train_set.dots), 1))
+
+
+def train(config, workdir: str, allow_config_change: bool = False):
+    """Trains on config.data into the model folder `workdir` (resuming from its newest readable
+    checkpoint). Returns (predictor of the final parameters, uncalibrated; the data splits)."""
+    lead = jax.process_index() == 0
+    if lead:
+        model_folder.prepare_workdir(workdir, config, allow_config_change)
+    log("loading data")
     splits = data.load(config)
+    print(splits["summary"], flush=True)
     train_set = splits["train"]
     model = create_model(config)
     steps = config.train.steps
@@ -199,60 +240,144 @@ def train_and_evaluate(config, workdir: str):
     rng = jax.random.key(config.seed)
     state = create_train_state(config, model, tx, jax.random.fold_in(rng, 0),
                                (1,) + crop + (channels,))
-    log(f"SAU-Net {len(crop)}D, {models.count_params(state['params']):,} parameters")
+    log(f"SAU-Net {len(crop)}D, {models.count_params(state['params']):,} parameters, "
+        f"{steps} steps of {config.train.batch} labeled"
+        + (f" + {config.train.unlabeled_batch} unlabeled" if config.ssl.enabled else "")
+        + f" {'x'.join(map(str, crop))} crops, workdir {workdir}")
+    record = model_folder.new_record(config, splits, _mass_per_dot(train_set))
+    if lead:
+        model_folder.write_record(workdir, record)
 
     manager = checkpoints.manager(workdir, config.train.checkpoint_every)
-    state = checkpoints.restore_latest(manager, state)
-    start = int(state["step"])
+    state = checkpoints.restore_latest(manager, state, workdir)
+    start = saved = int(state["step"])
     if start:
-        log(f"resumed from step {start} in {workdir}")
+        log(f"resumed from step {start}")
+    recs = records.Records(workdir, start, enabled=lead)
+    predictor = model_folder.Predictor(model_folder.create_model(record), state["params"],
+                                       record, start)
+    every = int(config.eval.get("every", 0) or 0)
+    if every and splits["test"] is None:
+        log("config.eval.every is set but there are no test images: no periodic evaluation")
+        every = 0
 
     unlabeled_batch = config.train.unlabeled_batch if config.ssl.enabled else 0
-    step_fn = make_train_step(config, model, tx, lr_fn)
-    par = Parallel(step_fn, config.train.parallel,
-                   compiler_options=models.compiler_options(model.impl))
+    per_step = config.train.batch + unlabeled_batch
+    par = Parallel(make_train_step(config, model, tx, lr_fn), config.train.parallel)
     dstate = par.put_state(state)
     step_key = jax.random.fold_in(rng, 1)
-    t0, t_log = time.perf_counter(), time.perf_counter()
+    bar = None
+    if lead and sys.stdout.isatty() and start < steps:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+    say = bar.write if bar else (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    t_log, done_log = t0, start
+    previous = None
+    if start < steps:
+        log("compiling the train step")
     for step in range(start, steps):
         batch = train_set.sample(batch_rng(config.seed, step), crop, config.train.batch,
                                  unlabeled_batch)
         dstate, metrics = par(dstate, batch, step_key)
         done = step + 1
+        if previous is not None:  # the previous step, checked while this one runs
+            _check_finite(*previous, saved)
+        previous = (done, metrics)
+        if step == start:
+            jax.block_until_ready(metrics)
+            t_log, done_log = time.perf_counter(), done
+            log(f"compiled and ran the first step in {t_log - t0:.1f} s; training")
+        if bar:
+            bar.update(1)
         if done % config.train.log_every == 0 or done == steps:
             m = jax.device_get(metrics)
+            _check_finite(done, m, saved)
             now = time.perf_counter()
-            rate = (config.train.log_every if done % config.train.log_every == 0
-                    else done % config.train.log_every) / (now - t_log)
-            t_log = now
-            terms = " ".join(f"{k}={float(v):.4g}" for k, v in m.items())
-            log(f"step {done}/{steps} {terms} steps/s={rate:.2f}")
+            scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+            if done > done_log:
+                rate = (done - done_log) / (now - t_log)
+                scalars.update(steps_per_s=rate, images_per_s=rate * per_step)
+            t_log, done_log = now, done
+            if every and done % every == 0:
+                predictor.params, predictor.step = par.get_state(dstate)["params"], done
+                scalars.update(_periodic_eval(config, predictor, splits))
+                t_log = time.perf_counter()  # the step rate leaves evaluation out
+            recs.write(done, scalars)
+            line = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            if "steps_per_s" in scalars:
+                line += f" eta={_duration((steps - done) / scalars['steps_per_s'])}"
+            say(f"[{time.strftime('%H:%M:%S')}] step {done}/{steps} {line}")
+            if bar:
+                bar.set_postfix(loss=f"{scalars['loss']:.4g}")
+        elif every and done % every == 0:
+            _check_finite(done, metrics, saved)
+            t_eval = time.perf_counter()
+            predictor.params, predictor.step = par.get_state(dstate)["params"], done
+            recs.write(done, _periodic_eval(config, predictor, splits))
+            t_log += time.perf_counter() - t_eval
         if done % config.train.checkpoint_every == 0 or done == steps:
-            checkpoints.save(manager, done, par.get_state(dstate))
+            _check_finite(done, metrics, saved)  # never save a non-finite state
+            if lead:
+                checkpoints.save(manager, done, par.get_state(dstate))
+            saved = done
+    if previous is not None:
+        _check_finite(*previous, saved)
+    if bar:
+        bar.close()
     manager.wait_until_finished()
-    log(f"trained {steps - start} steps in {time.perf_counter() - t0:.1f} s")
-    state = par.get_state(dstate)
-    summary = evaluation.evaluate(config, model, state["params"], splits, workdir)
     manager.close()
-    return summary
+    recs.close()
+    if start < steps:
+        log(f"trained {steps - start} steps in {_duration(time.perf_counter() - t0)}")
+    predictor.params, predictor.step = par.get_state(dstate)["params"], steps
+    if lead and records.plot(workdir):
+        log(f"wrote {workdir}/{records.PLOT}, {records.METRICS} and TensorBoard records "
+            f"({workdir}/{records.TENSORBOARD})")
+    return predictor, splits
 
 
-def restore_params(config, workdir: str, channels: int):
-    """Model and parameters of the latest checkpoint in `workdir`."""
-    model = create_model(config)
-    tx, _ = optim.create_optimizer(config.optim, config.train.steps)
-    state = create_train_state(config, model, tx, jax.random.key(config.seed),
-                               (1,) + tuple(config.train.crop) + (channels,))
-    manager = checkpoints.manager(workdir, config.train.checkpoint_every)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train)")
-    state = checkpoints.restore_latest(manager, state)
-    manager.close()
-    return model, state["params"]
+def _periodic_eval(config, predictor, splits):
+    """Held-out F1 and MAE of the current parameters (calibrated on the training images)."""
+    evaluation.calibrate_record(config, predictor, splits)
+    s = evaluation.evaluate(config, predictor, splits, baseline=False, verbose=False)["model"]
+    predictor.record["detector"] = None
+    return {"eval_f1": s["f1"], "eval_mae": s["mae"], "eval_precision": s["precision"],
+            "eval_recall": s["recall"]}
 
 
-def evaluate_checkpoint(config, workdir: str):
-    """Evaluates the latest checkpoint in `workdir` on the held-out split."""
+def calibrate_and_evaluate(config, predictor, splits, workdir: str):
+    """Chooses the detector and threshold on the labeled images, stores them in the model
+    folder and scores the held-out split (if any). Returns the summary (or None)."""
+    n = len(splits["train"].images)
+    log(f"calibrating the detector and threshold on the {n} labeled training images")
+    evaluation.calibrate_record(config, predictor, splits)
+    d = predictor.record["detector"]
+    lead = jax.process_index() == 0
+    if lead:
+        model_folder.write_record(workdir, predictor.record)
+    log(f"detector {d['name']}, threshold {d['threshold']:.4g}, saved in "
+        f"{workdir}/{model_folder.RECORD}")
+    if splits["test"] is None:
+        log("no test images: no held-out scores")
+        return None
+    log(f"scoring the {len(splits['test'].images)} held-out images")
+    return evaluation.evaluate(config, predictor, splits, workdir if lead else None)
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
+    """Trains into the model folder `workdir`, calibrates, evaluates; returns the summary."""
+    predictor, splits = train(config, workdir, allow_config_change)
+    return calibrate_and_evaluate(config, predictor, splits, workdir)
+
+
+def evaluate_workdir(workdir: str):
+    """Recalibrates and scores the newest checkpoint of a model folder on the data of its own
+    `config.json` (no config argument)."""
+    config = model_folder.read_config(workdir)
+    log("loading data")
     splits = data.load(config)
-    model, params = restore_params(config, workdir, splits["train"].images[0].shape[-1])
-    return evaluation.evaluate(config, model, params, splits, workdir)
+    print(splits["summary"], flush=True)
+    predictor = model_folder.load_model(workdir)
+    log(f"model of step {predictor.step}")
+    return calibrate_and_evaluate(config, predictor, splits, workdir)

@@ -7,7 +7,7 @@ unlabeled volume). Voxel spacing z:y:x = 2.1875:1:1 (1.75 um z steps, 0.8 um pix
 
 Expected (seed 0, 2-core CPU): the README's results table.
 """
-from configs import synthetic3d
+from cellcount_jax.configs import synthetic3d
 
 
 def get_config():

@@ -75,10 +75,11 @@ def get_config():
     c.train.batch = 4               # labeled crops per step (global, over all devices)
     c.train.unlabeled_batch = 4
     c.train.parallel = "pmap"       # or 'shard_map'
-    c.train.log_every = 100
+    c.train.log_every = 100         # metrics.jsonl, TensorBoard and a progress line
     c.train.checkpoint_every = 500
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0                # > 0: held-out F1 and MAE every this many steps (records)
     c.eval.radius = 5.0             # headline match radius, physical units
     c.eval.extra_radii = (3.0, 8.0)
     c.eval.detector = "auto"        # 'components', 'peaks' (local maxima), or 'auto': the

@@ -7,7 +7,7 @@ recipe: per-volume min-max, per-crop standardisation, target_scale 1, focal-cons
 
 Expected (seed 0, 2-core CPU): the README's results table.
 """
-from configs import quickstart
+from cellcount_jax.configs import quickstart
 
 
 def get_config():

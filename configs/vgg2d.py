@@ -7,7 +7,7 @@
 Paper (Table 2, 8 labeled images): F1 96.78 %, MAE 5.6. Not run on the 2-core CPU here
 (about 2 days at the measured step rate); see configs/vgg2d_cpu.py for the CPU budget.
 """
-from configs import quickstart
+from cellcount_jax.configs import quickstart
 
 
 def get_config():

@@ -11,7 +11,7 @@ Ablation (paper Table 1), same seed and labeled images:
     --config.ssl.enabled=False                                  inverse distance, supervised
 Expected results: the README's results table.
 """
-from configs import vgg2d
+from cellcount_jax.configs import vgg2d
 
 
 def get_config():

@@ -24,7 +24,7 @@ def launch(*args, timeout=900):
 def test_train_then_evaluate(tmp_path):
     wd = str(tmp_path / "run")
     log = launch(f"--workdir={wd}", *TINY)
-    assert "step 4/4" in log and "steps/s=" in log and "supervised=" in log and "w=" in log
+    assert "step 4/4" in log and "steps_per_s=" in log and "supervised=" in log and "w=" in log
     assert "F1" in log
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
     log = launch(f"--workdir={wd}", "--mode=evaluate", *TINY)

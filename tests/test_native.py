@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cellcount_jax import models, native
+from cellcount_jax import convolutions, models, native
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="native kernel not built or no AVX-512 on this CPU")
@@ -81,7 +81,7 @@ def test_cpu_model_uses_it():
         x = jnp.zeros((1, 16, 16, 3), dtype)
         p = jax.tree.map(lambda a: a.astype(dtype), models.init_params(m, jax.random.key(0), x.shape))
         f = jax.grad(lambda p: m.apply({"params": p}, x).sum())
-        return models.jit(f, "cpu").lower(p).as_text()
+        return convolutions.jit(f).lower(p).as_text()
     assert hlo(16, jnp.float32).count(native.KERNEL_GRAD_TARGET) == 14  # every 3x3 convolution
     assert hlo(8, jnp.float32).count(native.KERNEL_GRAD_TARGET) == 10  # all but the 8-wide level
     with jax.enable_x64(True):
@@ -118,7 +118,7 @@ def test_cpu_convolution_float32_gradients(ndim):
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (3,) * ndim + (16, 32))
     dn = ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
-    conv = models.conv2d_cpu if ndim == 2 else models.conv_z_as_batch
+    conv = convolutions.conv2d_cpu if ndim == 2 else convolutions.conv_z_as_batch
     pads = ((1, 1), (0, 2), (2, 0))[-ndim:]
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, (1,) * ndim, pads, dimension_numbers=dn)))
     assert native.CONV_TARGET in jax.jit(jax.grad(loss(conv), (0, 1))).lower(x, w).as_text()

@@ -1,18 +1,21 @@
 """Datasets: splits of labeled, unlabeled and held-out images, ready for training.
 
-`load(config)` returns {'train': Dataset, 'test': Split, 'spacing': tuple}. Sources
+`load(config)` returns {'train': Dataset, 'test': Split or None, 'spacing': tuple,
+'normaliser': Normaliser, 'summary': str}. Sources
 (`config.data.source`): 'synthetic' (embedded generator), 'vgg' (VGG cells, the paper's
 split), 'folder' (your own images with dot CSVs or label masks).
 """
 import dataclasses
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
 from cellcount_jax.data import io
-from cellcount_jax.data.dataset import Dataset, channel_stats, check_dots, make_targets, pad_dots
+from cellcount_jax.data.dataset import Dataset, check_dots, make_targets, pad_dots
+from cellcount_jax.normalise import Normaliser
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
+from cellcount_jax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -50,9 +53,9 @@ def vgg_split(seed: int = 5455, labeled: int = 8, pool: int = 100):
 def _vgg(cfg):
     path = cfg.path
     if not os.path.isdir(path):
-        raise ValueError(f"config.data.path: VGG cells folder {path!r} not found")
+        raise InputError(f"config.data.path: VGG cells folder {path!r} not found")
     lab, unl, test = vgg_split(cfg.split_seed, cfg.num_labeled)
-    read = lambda i: io.read_image(os.path.join(path, f"{i + 1:03d}cell.png"), 2, 3) / 255.0
+    read = lambda i: io.read_image(os.path.join(path, f"{i + 1:03d}cell.png"), 2, 3)
     dots = lambda i: io.dots_from_red_pixels(os.path.join(path, f"{i + 1:03d}dots.png"))
     name = lambda i: f"{i + 1:03d}cell"
     return (Split([read(i) for i in lab], [dots(i) for i in lab], [name(i) for i in lab]),
@@ -68,7 +71,7 @@ def read_annotation(path: str, shape, image_path: str = "the image"):
     else:
         mask = io.read_image(path, ndim)[..., 0]
         if mask.shape != tuple(shape):
-            raise ValueError(f"{path}: mask shape {mask.shape} differs from {image_path} "
+            raise InputError(f"{path}: mask shape {mask.shape} differs from {image_path} "
                              f"shape {tuple(shape)}")
         d = io.dots_from_mask(mask)
     check_dots(d, shape, path)
@@ -84,19 +87,19 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
     """
     files = io.list_images(images_dir)
     if not files:
-        raise ValueError(f"{images_dir}: no PNG or TIFF images")
+        raise InputError(f"{images_dir}: no PNG or TIFF images")
     ann = {}
     if annotations_dir:
         for f in sorted(os.listdir(annotations_dir)):
             stem, ext = os.path.splitext(f)
             if ext.lower() in (".csv",) + io.IMAGE_EXTENSIONS:
                 if stem in ann:
-                    raise ValueError(f"{annotations_dir}: two annotations for {stem!r}")
+                    raise InputError(f"{annotations_dir}: two annotations for {stem!r}")
                 ann[stem] = os.path.join(annotations_dir, f)
     stems = {os.path.splitext(f)[0] for f in files}
     orphans = sorted(set(ann) - stems)
     if orphans:
-        raise ValueError(f"{annotations_dir}: annotations without an image in {images_dir}: "
+        raise InputError(f"{annotations_dir}: annotations without an image in {images_dir}: "
                          f"{orphans[:5]}")
     images, dots, names = [], [], []
     for f in files:
@@ -108,7 +111,7 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
         dots.append(d)
         names.append(stem)
     if channels is None and len({im.shape[-1] for im in images}) > 1:
-        raise ValueError(f"{images_dir}: images have different channel counts")
+        raise InputError(f"{images_dir}: images have different channel counts")
     return Split(images, dots, names)
 
 
@@ -117,7 +120,7 @@ def _folder(cfg):
     test_names = set(cfg.test_names)
     missing = test_names - set(split.names)
     if missing:
-        raise ValueError(f"config.data.test_names: {sorted(missing)} not in {cfg.images}")
+        raise InputError(f"config.data.test_names: {sorted(missing)} not in {cfg.images}")
     pick = lambda keep: Split(*[[v for v, n, d in zip(vals, split.names, split.dots) if keep(n, d)]
                                 for vals in (split.images, split.dots, split.names)])
     labeled = pick(lambda n, d: n not in test_names and d is not None)
@@ -126,49 +129,61 @@ def _folder(cfg):
         test = read_folder(cfg.test_images, cfg.test_annotations, cfg.ndim)
     else:
         test = pick(lambda n, d: n in test_names)
+    if not test.images:
+        return labeled, unlabeled, None
     if any(d is None for d in test.dots):
-        raise ValueError("every test image needs an annotation")
+        missing = [n for n, d in zip(test.names, test.dots) if d is None]
+        raise InputError(f"test images without an annotation: {missing[:5]}")
     return labeled, unlabeled, test
 
 
-def normalise(cfg, labeled: Split, unlabeled: Split, test: Split):
-    """'channel_stats': per-channel mean/std over the training pool (reference for VGG);
-    'minmax': each image to [0, 1] by its own min and max (reference for 3D), crops are then
-    standardised one by one by the dataset. Returns what inference on new images needs."""
-    if cfg.normalise == "channel_stats":
-        mean, std = channel_stats(labeled.images + unlabeled.images)
-        f = lambda im: (im - mean) / std
-        info = {"mode": "channel_stats", "mean": mean.tolist(), "std": std.tolist()}
-    elif cfg.normalise == "minmax":
-        f = lambda im: (im - im.min()) / max(float(im.max() - im.min()), 1e-12)
-        info = {"mode": "minmax"}
-    else:
-        raise ValueError(f"config.data.normalise must be 'channel_stats' or 'minmax', "
-                         f"got {cfg.normalise!r}")
-    for s in (labeled, unlabeled, test):
-        s.images = [f(im).astype(np.float32) for im in s.images]
-    return info
+def summary(labeled: Split, unlabeled: Split, test: Optional[Split], spacing) -> str:
+    """What a run trains and tests on, in a few lines: counts, sizes, channels, dots."""
+    def sizes(split):
+        shapes = sorted({im.shape[:-1] for im in split.images})
+        text = " ".join("x".join(map(str, s)) for s in shapes[:3])
+        return text + (f" (+{len(shapes) - 3} more sizes)" if len(shapes) > 3 else "")
+
+    def dots(split):
+        n = [len(d) for d in split.dots]
+        return f", dots per image {min(n)}-{max(n)} (mean {np.mean(n):.1f})"
+
+    im = labeled.images[0]
+    lines = [f"data: {im.ndim - 1}D, {im.shape[-1]} channel(s), spacing "
+             f"{tuple(float(s) for s in spacing)}",
+             f"  labeled    {len(labeled.images):4d} images, {sizes(labeled)}{dots(labeled)}",
+             f"  unlabeled  {len(unlabeled.images):4d} images"
+             + (f", {sizes(unlabeled)}" if unlabeled.images else "")]
+    lines.append(f"  test       {len(test.images):4d} images, {sizes(test)}{dots(test)}"
+                 if test is not None else "  test          none (no held-out scores)")
+    return "\n".join(lines)
 
 
 def load(config):
-    """{'train': Dataset, 'test': Split, 'spacing': tuple, 'normalisation': dict}."""
+    """Reads, normalises and prepares config.data: {'train': Dataset, 'test': Split or None,
+    'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'summary': str}.
+    Test images are normalised like training images; the test split is None when a folder
+    source names none."""
     cfg = config.data
     sources = {"synthetic": _synthetic, "vgg": _vgg, "folder": _folder}
     if cfg.source not in sources:
-        raise ValueError(f"config.data.source must be one of {sorted(sources)}, got {cfg.source!r}")
+        raise InputError(f"config.data.source must be one of {sorted(sources)}, got {cfg.source!r}")
     labeled, unlabeled, test = sources[cfg.source](cfg)
     if not labeled.images:
-        raise ValueError(f"config.data: no labeled training images ({cfg.source})")
-    if not test.images:
-        raise ValueError(f"config.data: no test images ({cfg.source})")
-    norm = normalise(cfg, labeled, unlabeled, test)
-    # What the loader did before normalising (VGG: /255), for images read by `predict`.
-    norm["input_scale"] = 1.0 / 255.0 if cfg.source == "vgg" else 1.0
-    t = config.target
+        raise InputError(f"config.data: no labeled training images ({cfg.source})")
     spacing = tuple(float(s) for s in cfg.spacing)
+    if len(spacing) != labeled.images[0].ndim - 1:
+        raise InputError(f"config.data.spacing {spacing} has {len(spacing)} axes, the images "
+                         f"{labeled.images[0].ndim - 1}")
+    text = summary(labeled, unlabeled, test, spacing)
+    normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images)
+    for s in (labeled, unlabeled) + ((test,) if test is not None else ()):
+        s.images = [normaliser.image(im) for im in s.images]
+    t = config.target
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
-                    rotate=spacing[-1] == spacing[-2],
-                    standardise_crops=cfg.normalise == "minmax", names=labeled.names)
-    return {"train": train, "test": test, "spacing": spacing, "normalisation": norm}
+                    rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
+                    names=labeled.names)
+    return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
+            "summary": text}

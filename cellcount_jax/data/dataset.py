@@ -5,11 +5,12 @@ plain arrays of fixed shapes. Targets are made once per full image (so a crop ne
 still sees the dots just outside) and are cropped and flipped together with the image.
 """
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from cellcount_jax import targets as targets_lib
+from cellcount_jax.errors import InputError
 
 
 def pad_dots(dots: np.ndarray, max_dots: Optional[int] = None):
@@ -28,13 +29,13 @@ def check_dots(dots: np.ndarray, shape: Sequence[int], name: str):
     """Raise a clear error if dots are not (n, ndim) coordinates inside an image of `shape`."""
     dots = np.asarray(dots, np.float32)
     if dots.ndim != 2 or dots.shape[1] != len(shape):
-        raise ValueError(f"{name}: dots must be (n, {len(shape)}) coordinates, got {dots.shape}")
+        raise InputError(f"{name}: dots must be (n, {len(shape)}) coordinates, got {dots.shape}")
     if not np.isfinite(dots).all():
-        raise ValueError(f"{name}: dots contain NaN or inf")
+        raise InputError(f"{name}: dots contain NaN or inf")
     rounded = np.round(dots)
     outside = np.any((rounded < 0) | (rounded >= np.asarray(shape)), axis=1)
     if outside.any():
-        raise ValueError(f"{name}: {int(outside.sum())} dots lie outside the image of shape "
+        raise InputError(f"{name}: {int(outside.sum())} dots lie outside the image of shape "
                          f"{tuple(shape)}, e.g. {dots[outside][0].tolist()}")
 
 
@@ -57,7 +58,7 @@ def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rota
     two spatial axes: with the flips, all 8 symmetries of the square) on every array."""
     shape = arrays[0].shape[:ndim]
     if any(c > s for c, s in zip(crop, shape)):
-        raise ValueError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
+        raise InputError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
     start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop)]
     box = tuple(slice(a, a + c) for a, c in zip(start, crop))
     arrays = [a[box] for a in arrays]
@@ -75,16 +76,15 @@ class Dataset:
 
     images: list of (*spatial, channels) float32, already normalised; dots: list of (n, ndim)
     pixel coordinates; targets: list of maps from `make_targets`. rotate: rot90 in the last
-    two axes (needs isotropic spacing there). standardise_crops: each crop to zero mean and
-    unit std per channel (the reference's 3D recipe; `standardise` does the same to a whole
-    image at inference).
+    two axes (needs isotropic spacing there). crop_fn: applied to each crop, the model's
+    `Normaliser.crop` (the same function sees the whole image at inference).
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
     targets: List[np.ndarray]
     unlabeled: List[np.ndarray] = dataclasses.field(default_factory=list)
     rotate: bool = True
-    standardise_crops: bool = False
+    crop_fn: Optional[Callable] = None
     names: Optional[List[str]] = None
 
     @property
@@ -95,30 +95,17 @@ class Dataset:
                unlabeled_batch: int = 0):
         """One training batch: {'image', 'target'[, 'unlabeled']} of fixed shapes."""
         if not self.images:
-            raise ValueError("the labeled pool is empty")
+            raise InputError("the labeled pool is empty")
         x, y = [], []
         for i in rng.integers(len(self.images), size=batch):
             a, t = _augment(rng, [self.images[i], self.targets[i]], self.ndim, crop, self.rotate)
-            x.append(standardise(a) if self.standardise_crops else a)
+            x.append(self.crop_fn(a) if self.crop_fn else a)
             y.append(t)
         out = {"image": np.stack(x), "target": np.stack(y)}
         if unlabeled_batch:
             if not self.unlabeled:
-                raise ValueError("unlabeled_batch > 0 but the unlabeled pool is empty")
+                raise InputError("unlabeled_batch > 0 but the unlabeled pool is empty")
             crops = [_augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
                      for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)]
-            out["unlabeled"] = np.stack([standardise(c) if self.standardise_crops else c
-                                         for c in crops])
+            out["unlabeled"] = np.stack([self.crop_fn(c) if self.crop_fn else c for c in crops])
         return out
-
-
-def standardise(image: np.ndarray):
-    """(*spatial, channels) -> zero mean, unit std per channel."""
-    axes = tuple(range(image.ndim - 1))
-    return ((image - image.mean(axes)) / (image.std(axes) + 1e-6)).astype(np.float32)
-
-
-def channel_stats(images):
-    """Per-channel mean and std over a list of (*spatial, channels) images."""
-    flat = np.concatenate([im.reshape(-1, im.shape[-1]) for im in images])
-    return flat.mean(0).astype(np.float32), (flat.std(0) + 1e-6).astype(np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 from scipy import ndimage
+from cellcount_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff")
 
@@ -28,23 +29,23 @@ def read_image(path: str, ndim: int, channels: int = None):
             with Image.open(path) as im:
                 a = np.asarray(im)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file to the user
-        raise ValueError(f"{path}: cannot read image ({e})") from e
+        raise InputError(f"{path}: cannot read image ({e})") from e
     if a.dtype == bool:
         a = a.astype(np.uint8)
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ValueError(f"{path}: unsupported pixel type {a.dtype}")
+        raise InputError(f"{path}: unsupported pixel type {a.dtype}")
     if a.ndim == ndim:
         a = a[..., None]
     elif not (a.ndim == ndim + 1 and a.shape[-1] <= 4):
-        raise ValueError(f"{path}: expected a {ndim}D image ({'Z, Y, X' if ndim == 3 else 'Y, X'}"
+        raise InputError(f"{path}: expected a {ndim}D image ({'Z, Y, X' if ndim == 3 else 'Y, X'}"
                          f"[, channels]), got shape {a.shape}")
     if ndim == 2 and a.shape[-1] == 4:
         a = a[..., :3]
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
-        raise ValueError(f"{path}: image contains NaN or inf")
+        raise InputError(f"{path}: image contains NaN or inf")
     if channels is not None and a.shape[-1] != channels:
-        raise ValueError(f"{path}: expected {channels} channel(s), got {a.shape[-1]}")
+        raise InputError(f"{path}: expected {channels} channel(s), got {a.shape[-1]}")
     return a
 
 
@@ -57,7 +58,7 @@ def _axis_columns(header, ndim, path):
     napari = [f"axis-{i}" for i in range(ndim)]
     if all(w in names for w in napari):
         return [names.index(w) for w in napari]
-    raise ValueError(f"{path}: header {header} names no {','.join(wanted)} columns "
+    raise InputError(f"{path}: header {header} names no {','.join(wanted)} columns "
                      f"(or napari's {','.join(napari)})")
 
 
@@ -67,16 +68,16 @@ def read_dots_csv(path: str, ndim: int):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except OSError as e:
-        raise ValueError(f"{path}: cannot read dots ({e})") from e
+        raise InputError(f"{path}: cannot read dots ({e})") from e
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
-        raise ValueError(f"{path}: empty dot file (expected a header such as "
+        raise InputError(f"{path}: empty dot file (expected a header such as "
                          f"{'z,y,x' if ndim == 3 else 'y,x'})")
     cols = _axis_columns(rows[0], ndim, path)
     try:
         dots = np.array([[float(r[c]) for c in cols] for r in rows[1:]], np.float32)
     except (ValueError, IndexError) as e:
-        raise ValueError(f"{path}: bad number in dot file ({e})") from e
+        raise InputError(f"{path}: bad number in dot file ({e})") from e
     return dots.reshape(-1, ndim)
 
 
@@ -101,7 +102,7 @@ def dots_from_red_pixels(path: str):
     """VGG-style dot image: one pure-red (255, 0, 0) pixel per cell; pixels, not blobs."""
     a = read_image(path, 2)
     if a.shape[-1] < 3:
-        raise ValueError(f"{path}: a VGG dot image must be RGB, got {a.shape[-1]} channel(s)")
+        raise InputError(f"{path}: a VGG dot image must be RGB, got {a.shape[-1]} channel(s)")
     red = (a[..., 0] == 255) & (a[..., 1] == 0) & (a[..., 2] == 0)
     return np.argwhere(red).astype(np.float32)
 
@@ -123,5 +124,5 @@ def write_dots_csv(path: str, dots: np.ndarray, spacing=None, extra=None):
 
 def list_images(folder: str):
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: not a folder")
+        raise InputError(f"{folder}: not a folder")
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))

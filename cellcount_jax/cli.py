@@ -1,0 +1,181 @@
+"""The `cellcount` command (and `launch.py`): train, evaluate, predict.
+
+    cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR
+                    [--test-images=DIR --test-dots=DIR]] [--config.<block>.<field>=VALUE ...]
+    cellcount evaluate --workdir=DIR
+    cellcount predict --model=DIR --input=FILE|DIR [--output=DIR] [--annotations=FILE|DIR]
+
+A config is a shipped one by name (`quickstart`, `vgg2d_cpu`, ...: the files of `configs/`)
+or a path to a Python file with `get_config()`. A model is a model folder (a training
+workdir) or a shipped one by name (`pretrained/vgg2d_cpu`). An input problem prints one line
+`error: ...` on stderr and exits with status 2 (`--verbose`: with its traceback).
+"""
+import glob
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cellcount_jax import configs as shipped_configs
+from cellcount_jax import pretrained as shipped_models
+from cellcount_jax.errors import InputError
+
+COMMANDS = ("train", "evaluate", "predict")
+FLAGS = flags.FLAGS
+
+
+def config_names():
+    folder = os.path.dirname(shipped_configs.__file__)
+    return sorted(os.path.splitext(os.path.basename(p))[0]
+                  for p in glob.glob(os.path.join(folder, "*.py")) if "__" not in p)
+
+
+def config_path(name: str) -> str:
+    """A config file path: `name` itself if it is a file, else the shipped config of that name
+    (`vgg2d_cpu`, `configs/vgg2d_cpu.py`)."""
+    base = name.split(":")[0]
+    if os.path.isfile(base):
+        return name
+    stem = os.path.splitext(os.path.basename(base))[0]
+    path = os.path.join(os.path.dirname(shipped_configs.__file__), f"{stem}.py")
+    if os.path.isfile(path):
+        return path + name[len(base):]
+    raise InputError(f"--config={name}: no such file and no shipped config of that name "
+                     f"(shipped: {', '.join(config_names())})")
+
+
+def model_path(name: str) -> str:
+    """A model folder: `name` itself if it is a folder, else the shipped model of that name
+    (`pretrained/vgg2d_cpu` or `vgg2d_cpu`)."""
+    if os.path.isdir(name):
+        return name
+    stem = os.path.basename(os.path.normpath(name))
+    path = os.path.join(os.path.dirname(shipped_models.__file__), stem)
+    if os.path.isdir(path):
+        return path
+    raise InputError(f"--model={name}: no such model folder")
+
+
+def _resolve_config_flag(argv):
+    """Rewrites `--config=NAME` / `--config NAME` to the file of a shipped config."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + config_path(a[len("--config="):])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+    return out
+
+
+def define_flags():
+    default = os.path.join(os.path.dirname(shipped_configs.__file__), "quickstart.py")
+    config_flags.DEFINE_config_file(
+        "config", default, "train: a shipped config by name (" + ", ".join(config_names())
+        + ") or a config file; fields can be overridden with --config.<block>.<field>=VALUE.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "train: the model folder to write (default "
+                        "workdir/<config name>); evaluate: the model folder.")
+    flags.DEFINE_string("images", None, "train: a folder of your images (shortcut for "
+                        "--config.data.source=folder --config.data.images=...).")
+    flags.DEFINE_string("dots", None, "train: a folder of <image stem>.csv dot files or masks.")
+    flags.DEFINE_string("test-images", None, "train: a folder of held-out images.")
+    flags.DEFINE_string("test-dots", None, "train: annotations of the held-out images.")
+    flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir whose model, data "
+                      "or target config differs from its config.json.")
+    flags.DEFINE_string("model", None, "predict: a model folder (a training workdir) or a "
+                        "shipped model (pretrained/vgg2d_cpu).")
+    flags.DEFINE_string("input", None, "predict: a folder of images or one PNG/TIFF file.")
+    flags.DEFINE_string("output", "predictions", "predict: where results go.")
+    flags.DEFINE_string("annotations", "", "predict: optional ground truth: a folder of dot "
+                        "CSVs or masks, or one such file for a single --input file.")
+    flags.DEFINE_bool("verbose", False, "Show tracebacks of input errors.")
+
+
+def _train_config():
+    config = FLAGS.config
+    if FLAGS.images:
+        config.data.source = "folder"
+        config.data.images = FLAGS.images
+        config.data.annotations = FLAGS.dots or ""
+        config.data.test_images = FLAGS["test-images"].value or ""
+        config.data.test_annotations = FLAGS["test-dots"].value or ""
+    elif FLAGS.dots or FLAGS["test-images"].value or FLAGS["test-dots"].value:
+        raise InputError("--dots, --test-images and --test-dots go with --images")
+    if FLAGS["test-images"].value and not FLAGS["test-dots"].value:
+        raise InputError("--test-images needs --test-dots (the held-out images' annotations)")
+    return config
+
+
+def run(command: str):
+    """Runs one command with the parsed flags."""
+    from cellcount_jax import predict, train  # after flag parsing: keeps --help fast
+
+    if command == "train":
+        config = _train_config()
+        workdir = FLAGS.workdir or os.path.join(
+            "workdir", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+        return train.train_and_evaluate(config, workdir, FLAGS.allow_config_change)
+    if command == "evaluate":
+        if not FLAGS.workdir:
+            raise InputError("evaluate needs --workdir (a model folder)")
+        return train.evaluate_workdir(FLAGS.workdir)
+    model = FLAGS.model or FLAGS.workdir
+    if not model:
+        raise InputError("predict needs --model (a model folder)")
+    if not FLAGS.input:
+        raise InputError("predict needs --input (a folder or an image file)")
+    return predict.predict_folder(model_path(model), FLAGS.input, FLAGS.output,
+                                  FLAGS.annotations)
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse(argv):
+    try:
+        return FLAGS(_resolve_config_flag(argv))
+    except InputError as e:
+        _fail(str(e))
+    except flags.Error as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def _guarded(command_fn):
+    def main(argv):
+        if len(argv) > 1:
+            _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.WARNING)  # progress is printed by the library
+        try:
+            command_fn()
+        except InputError as e:
+            if FLAGS.verbose:
+                raise
+            _fail(str(e))
+    return main
+
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def main(argv=None):
+    """Entry point of the installed `cellcount` command."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print("usage:\n" + USAGE + "\n\n`cellcount COMMAND --help` lists every flag.")
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command = argv.pop(1)
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
+    define_flags()
+    app.run(_guarded(lambda: run(command)), argv=argv, flags_parser=_parse)
+
+
+def launch_main():
+    """Entry point of `launch.py`: the same flags, the command chosen by `--mode`."""
+    define_flags()
+    flags.DEFINE_enum("mode", "train", list(COMMANDS), "train (then evaluate), evaluate, or "
+                      "predict on --input.")
+    app.run(_guarded(lambda: run(FLAGS.mode)), flags_parser=_parse)

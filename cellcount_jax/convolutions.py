@@ -1,0 +1,286 @@
+"""How SAU-Net's convolutions, pooling and upsampling are computed: one set of parameters,
+several formulations with the same values.
+
+`impl` picks the formulation:
+- 'xla': `lax` convolutions as written (3D kernels, transposed convolutions), what XLA's
+  GPU/TPU backends optimise best;
+- 'cpu': the 3x3(x3) convolutions through custom VJPs (`conv2d`, `conv3d_folded`) that call
+  the native AVX-512 kernels of `native` (forward and input gradient on rows >= 32 wide,
+  kernel gradient everywhere) where they run, and otherwise XLA formulations that suit
+  XLA:CPU: a 3D convolution as one 2D convolution (z folded into the batch, the z taps into
+  the channels) and a kernel gradient whose operands swap roles where that moves less data;
+  2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed convolution as one matrix
+  product + depth-to-space, the 1x1(x1) output convolution as a matrix product. 2.5-7x faster
+  training on CPU than 'xla'; see docs/performance.md.
+- 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
+
+The network reaches them through `conv_fn(impl, kernel_size)` (the `conv_general_dilated` of
+its `nn.Conv` layers), `max_pool2` and `upsample2`. `jit` compiles with `compiler_options()`,
+which on XLA:CPU routes the remaining convolutions to its Eigen kernels instead of the YNNPACK
+fusions; `train.Parallel` uses the same options.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cellcount_jax import native
+from cellcount_jax.errors import InputError
+
+IMPLS = ("auto", "xla", "cpu")
+# XLA:CPU library fusions kept on the CPU: YNNPACK for reductions only (not for
+# convolutions or dots, where XLA's own Eigen kernels are faster on this network).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> 'cpu' on the CPU backend, 'xla' on GPU/TPU; 'xla' and 'cpu' stay."""
+    if impl not in IMPLS:
+        raise InputError(f"config.model.impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def compiler_options(platform: str = None):
+    """XLA compiler options for jitting the model on `platform` (default: the default
+    backend); None: XLA's defaults."""
+    options = _cpu_options() if (platform or jax.default_backend()) == "cpu" else None
+    return dict(options) if options else None
+
+
+@functools.cache
+def _cpu_options():
+    # XLA versions without YNNPACK fusions do not know the option (and need none).
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
+    except (RuntimeError, ValueError):
+        return None
+    return _CPU_OPTIONS
+
+
+def jit(fn, **kwargs):
+    """`jax.jit` with `compiler_options()`."""
+    return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+
+def _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count):
+    """Explicit ((lo, hi), ...) padding of a stride-1, undilated, ungrouped convolution."""
+    assert feature_group_count == 1 and all(s == 1 for s in window_strides)
+    assert all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
+    nd = lhs.ndim - 2
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:nd], (1,) * nd, padding)
+    return tuple(tuple(p) for p in padding)
+
+
+def conv_z_as_batch(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for NDHWC x DHWIO, stride 1, undilated, as one 2D
+    convolution: z folded into the batch, the kernel's z taps into the input channels (the
+    input stacked with its z-shifted copies), the kernel reshaped to (y, x, z * in, out)."""
+    assert lhs.ndim == 5
+    pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+    return conv3d_folded(lhs, rhs, pads, precision)
+
+
+def conv2d_cpu(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for NHWC x HWIO, stride 1, undilated, through `conv2d`."""
+    assert lhs.ndim == 4
+    pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+    return conv2d(lhs, rhs, pads, precision)
+
+
+def _conv2d(x, kernel, padding, precision):
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, precision=precision,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _fold(x, kz, zpad):
+    """(n, d, h, w, c) -> (n * d_out, h, w, kz * c): each output plane's kz input planes."""
+    n, d, h, w, c = x.shape
+    d_out = d + sum(zpad) - kz + 1
+    x = jnp.pad(x, ((0, 0), zpad, (0, 0), (0, 0), (0, 0)))
+    return jnp.concatenate([x[:, i:i + d_out] for i in range(kz)], -1).reshape(n * d_out, h, w, kz * c)
+
+
+def _unfold(dxf, d, zpad):
+    """The transpose of `_fold`: (n, d_out, h, w, kz, c) -> (n, d, h, w, c),
+    dx[z] = sum_i dxf[z + lo - i, i]."""
+    d_out, kz = dxf.shape[1], dxf.shape[-2]
+    lo = zpad[0]
+    nopad = [(0, 0, 0)] * 3
+    return sum(lax.pad(dxf[..., i, :], jnp.zeros((), dxf.dtype),
+                       [(0, 0, 0), (i - lo, d - d_out + lo - i, 0)] + nopad) for i in range(kz))
+
+
+def _fold_kernel(kernel):
+    """(z, y, x, in, out) -> (y, x, z * in, out), the channel order of `_fold`."""
+    kz, ky, kx, cin, cout = kernel.shape
+    return jnp.moveaxis(kernel, 0, 2).reshape(ky, kx, kz * cin, cout)
+
+
+def _conv3d_folded(x, kernel, padding, precision):
+    y = _conv2d(_fold(x, kernel.shape[0], padding[0]), _fold_kernel(kernel), padding[1:], precision)
+    return y.reshape((x.shape[0], -1) + y.shape[1:])
+
+
+def _kernel_grad(x, g, kernel_shape, padding, precision):
+    """d/dkernel of sum(g * _conv2d(x, kernel)). XLA:CPU computes it as a convolution with
+    batch and channels swapped, for which it transposes x to (in, y, x, batch) and g to
+    (y, x, batch, out). Where x has more channels than g, the same sum is taken with the roles
+    swapped, g as the input (batch <- its channels) and x as the kernel, so that the
+    batch-minor transpose is of the smaller of the two:
+    dk[a, b] = sum_{n,i,j} x[n, i, j] g[n, i - a + lo_y, j - b + lo_x]."""
+    if x.shape[-1] <= g.shape[-1]:
+        zeros = jnp.zeros(kernel_shape, x.dtype)
+        return jax.vjp(lambda k: _conv2d(x, k, padding, precision), zeros)[1](g)[0]
+    ky, kx = kernel_shape[:2]
+    (ylo, yhi), (xlo, xhi) = padding
+    pads = ((ky - 1 - ylo, ky - 1 - yhi), (kx - 1 - xlo, kx - 1 - xhi))
+    dk = lax.conv_general_dilated(g, x, (1, 1), pads, precision=precision,
+                                  dimension_numbers=("CHWN", "IHWO", "NHWC"))
+    return jnp.flip(dk, (1, 2)).transpose(1, 2, 3, 0)
+
+
+# The native convolution beats XLA:CPU's where rows are at least this wide; on narrower ones
+# (the bottleneck levels) the edge pixels weigh too much.
+NATIVE_MIN_WIDTH = 32
+
+
+def _native_conv_or(xla_conv, x, kernel, padding):
+    """A stride-1 convolution by `native.conv` where it runs (CPU backend, an AVX-512 CPU,
+    float32, output channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
+    `xla_conv(x, kernel)`."""
+    if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH
+            and min(min(pad) for pad in padding) >= 0):
+        return xla_conv(x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv(x, k, padding),
+                                  default=xla_conv)
+
+
+def _native_kernel_grad_or(xla_kernel_grad, x, g, kernel_shape, padding):
+    """The kernel gradient by `native.conv_kernel_grad` where it runs, else by
+    `xla_kernel_grad(x, g)`."""
+    if not native.available(x.dtype, g.shape[-1]):
+        return xla_kernel_grad(x, g)
+    nd = x.ndim - 2
+    fast = lambda x, g: native.conv_kernel_grad(x, g, kernel_shape[:nd], [lo for lo, _ in padding])
+    return lax.platform_dependent(x, g, cpu=fast, default=xla_kernel_grad)
+
+
+def _input_grad(xla_input_grad, g, kernel, padding):
+    """d/dx of sum(g * conv(x, kernel)): the convolution of g with the flipped, transposed
+    kernel, padded k - 1 - pad, natively where it runs."""
+    nd = g.ndim - 2
+    flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+    pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:nd], padding))
+    return _native_conv_or(lambda g, k: xla_input_grad(g), g, flipped, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, padding, precision=None):
+    """Stride-1 2D convolution, NHWC x HWIO -> NHWC, `padding` ((lo, hi), (lo, hi)): native
+    kernels where they run (`_native_conv_or`), else XLA's forward and input gradient and the
+    kernel gradient by `_kernel_grad`."""
+    return _native_conv_or(lambda x, k: _conv2d(x, k, padding, precision), x, kernel, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d_folded(x, kernel, padding, precision=None):
+    """Stride-1 3D convolution, NDHWC x DHWIO -> NDHWC, `padding` ((lo, hi),) * 3: native
+    kernels where they run, else one 2D convolution of the z-folded input (`_fold`). Only x
+    is kept for the backward pass (not its 3x larger fold)."""
+    return _native_conv_or(lambda x, k: _conv3d_folded(x, k, padding, precision), x, kernel, padding)
+
+
+def _conv_fwd(fn, x, kernel, padding, precision):
+    return fn(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv2d_bwd(padding, precision, res, g):
+    x, kernel = res
+    dx = _input_grad(lambda g: jax.vjp(lambda x: _conv2d(x, kernel, padding, precision), x)[1](g)[0],
+                     g, kernel, padding)
+    dk = _native_kernel_grad_or(lambda x, g: _kernel_grad(x, g, kernel.shape, padding, precision),
+                                x, g, kernel.shape, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+def _conv3d_folded_bwd(padding, precision, res, g):
+    x, kernel = res
+    kz, ky, kx, cin, cout = kernel.shape
+    n, d, h, w = x.shape[:4]
+    g2 = g.reshape((-1,) + g.shape[2:])
+
+    def folded_input_grad(g):
+        xf = jnp.zeros((g2.shape[0], h, w, kz * cin), x.dtype)  # its shape only
+        dxf = jax.vjp(lambda xf: _conv2d(xf, _fold_kernel(kernel), padding[1:], precision),
+                      xf)[1](g.reshape(g2.shape))[0]
+        return _unfold(dxf.reshape((n, -1, h, w, kz, cin)), d, padding[0])
+
+    def folded_kernel_grad(x, g):
+        dk = _kernel_grad(_fold(x, kz, padding[0]), g.reshape(g2.shape), (ky, kx, kz * cin, cout),
+                          padding[1:], precision)
+        return jnp.moveaxis(dk.reshape(ky, kx, kz, cin, cout), 2, 0)
+
+    dx = _input_grad(folded_input_grad, g, kernel, padding)
+    dk = _native_kernel_grad_or(folded_kernel_grad, x, g, kernel.shape, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+conv2d.defvjp(functools.partial(_conv_fwd, conv2d.fun), _conv2d_bwd)
+conv3d_folded.defvjp(functools.partial(_conv_fwd, conv3d_folded.fun), _conv3d_folded_bwd)
+
+
+def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for a 1x1(x1) kernel, channels last, stride 1: a matrix
+    product over the channels (XLA:CPU runs the 3D one, and its gradient, as slow 3D
+    convolutions)."""
+    assert all(k == 1 for k in rhs.shape[:-2]) and feature_group_count == 1
+    assert all(s == 1 for s in window_strides)
+    return jnp.einsum("...c,co->...o", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+
+def conv_fn(impl: str, kernel_size):
+    """The `conv_general_dilated` of an `nn.Conv` with this kernel size under `impl`."""
+    if resolve_impl(impl) == "xla":
+        return lax.conv_general_dilated
+    if all(k == 1 for k in kernel_size):
+        return pointwise_conv
+    return conv2d_cpu if len(kernel_size) == 2 else conv_z_as_batch
+
+
+def max_pool2(x, impl):
+    """2x max pooling, stride 2 (spatial sizes even). On the 'cpu' path a reshape + max,
+    whose gradient is an elementwise mask instead of XLA:CPU's slow select-and-scatter;
+    ties (equal values in a window) then share the gradient instead of the first taking it."""
+    nd = x.ndim - 2
+    if resolve_impl(impl) == "xla":
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1,) + (2,) * nd + (1,),
+                                 (1,) + (2,) * nd + (1,), "VALID")
+    split = [x.shape[0]] + [v for s in x.shape[1:-1] for v in (s // 2, 2)] + [x.shape[-1]]
+    return x.reshape(split).max(axis=tuple(range(2, 2 + 2 * nd, 2)))
+
+
+def upsample2(x, kernel, impl):
+    """2x upsampling by a 2x2(x2) stride-2 transposed convolution, as
+    `nn.ConvTranspose(features, (2,)*ndim, strides 2, 'VALID')` without its bias: x
+    (n, *spatial, in), kernel (2,)*ndim + (in, out). On the 'cpu' path one matrix product per
+    pixel, out[2i + a] = x[i] @ kernel[1 - a], then depth-to-space."""
+    nd = x.ndim - 2
+    features = kernel.shape[-1]
+    if resolve_impl(impl) == "xla":
+        dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                        ("NHWC", "HWIO", "NHWC") if nd == 2
+                                        else ("NDHWC", "DHWIO", "NDHWC"))
+        return lax.conv_transpose(x, kernel, (2,) * nd, "VALID", dimension_numbers=dn)
+    # (in, taps * out) with taps in flipped order, so tap index a reads kernel[1 - a].
+    w = jnp.flip(kernel, tuple(range(nd))).reshape(-1, x.shape[-1], features)
+    w = jnp.moveaxis(w, 0, 1).reshape(x.shape[-1], -1)
+    y = (x @ w).reshape(x.shape[:-1] + (2,) * nd + (features,))
+    # (n, s1, .., snd, a1, .., and, f) -> (n, s1, a1, .., snd, and, f)
+    perm = [0] + [p for i in range(nd) for p in (1 + i, 1 + nd + i)] + [1 + 2 * nd]
+    return y.transpose(perm).reshape((x.shape[0],) + tuple(2 * s for s in x.shape[1:-1])
+                                     + (features,))

@@ -1,0 +1,231 @@
+"""A trained model is a folder; everything prediction needs is read from it.
+
+    <workdir>/config.json          the resolved training config, written when training starts
+    <workdir>/inference.json       the inference record (below)
+    <workdir>/checkpoints/<step>/  orbax checkpoints of the train state
+    <workdir>/metrics.jsonl, tensorboard/, training.png    run records (`records`)
+    <workdir>/eval.json, eval_per_image.csv, eval_detections.csv    held-out scores
+
+The inference record holds the rank, input channels, voxel spacing, the network's shape, the
+fitted normalisation, the target kind and scale (with the mass of one dot's target, for the
+integration count), the training crop, the detector and threshold once calibrated, and the
+package version. `load_model(workdir)` builds a `Predictor` from the folder alone: no config
+file, no optimizer.
+"""
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from cellcount_jax import checkpoints, convolutions, models, postprocess
+from cellcount_jax.errors import InputError
+from cellcount_jax.normalise import Normaliser
+
+CONFIG = "config.json"
+RECORD = "inference.json"
+FORMAT = 1
+# Config blocks that a resumed run must share with the run that wrote the checkpoints.
+RESUME_BLOCKS = ("model", "data", "target")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as v
+    try:
+        return v("cellcount_jax")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_json(path: str, obj):
+    """Writes atomically: a reader (or a crash) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(old: dict, new: dict, blocks=RESUME_BLOCKS):
+    """'key: old -> new' for every field of `blocks` that differs between two configs."""
+    a = _flatten({b: old.get(b, {}) for b in blocks})
+    b = _flatten({k: new.get(k, {}) for k in blocks})
+    missing = object()
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
+
+
+def prepare_workdir(workdir: str, config, allow_config_change: bool = False):
+    """Writes `config.json` when training starts. Where the folder already holds checkpoints
+    of a run whose model, data or target fields differ, stops with the list of differences
+    (unless `allow_config_change`)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG)
+    new = config_to_dict(config)
+    has_checkpoints = os.path.isdir(checkpoints.directory(workdir)) and any(
+        n.isdigit() for n in os.listdir(checkpoints.directory(workdir)))
+    if has_checkpoints and os.path.exists(path) and not allow_config_change:
+        diff = config_differences(read_json(path), new)
+        if diff:
+            raise InputError(
+                f"{workdir} holds checkpoints of a run with another config ({path}); differences: "
+                + "; ".join(diff) + ". Use another --workdir, or pass --allow_config_change to "
+                "resume with the new config on purpose")
+    write_json(path, new)
+
+
+def read_config(workdir: str) -> ConfigDict:
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        raise InputError(f"{workdir}: no {CONFIG}; is this a model folder written by training?")
+    return ConfigDict(read_json(path))
+
+
+def new_record(config, splits, mass_per_dot: float) -> dict:
+    """The inference record of a run, before calibration (detector None)."""
+    train = splits["train"]
+    return {
+        "format": FORMAT,
+        "package_version": version(),
+        "ndim": int(train.ndim),
+        "channels": int(train.images[0].shape[-1]),
+        "spacing": list(splits["spacing"]),
+        "network": {"name": "SAUNet", "features": int(config.model.features),
+                    "levels": models.LEVELS},
+        "normalisation": splits["normaliser"].to_json(),
+        "target": {"kind": config.target.kind, "scale": float(config.target.scale),
+                   "sigma": float(config.target.sigma), "mass_per_dot": float(mass_per_dot)},
+        "train_crop": [int(c) for c in config.train.crop],
+        "detector": None,
+    }
+
+
+def write_record(workdir: str, record: dict):
+    write_json(os.path.join(workdir, RECORD), record)
+
+
+def read_record(workdir: str) -> dict:
+    path = os.path.join(workdir, RECORD)
+    if not os.path.isdir(workdir):
+        raise InputError(f"model folder {workdir} not found")
+    if not os.path.exists(path):
+        raise InputError(f"{workdir}: no {RECORD}; is this a model folder written by training?")
+    record = read_json(path)
+    if record.get("format") != FORMAT:
+        raise InputError(f"{path}: record format {record.get('format')!r}, this version reads "
+                         f"{FORMAT}")
+    return record
+
+
+@dataclasses.dataclass
+class Detections:
+    """Detected cells of one image: `pixels` and `physical` (n, ndim) coordinates in axis order
+    ([z,] y, x), `density` (n,) the map's value at each, `count_integration` the map's mass
+    divided by the mass of one dot's target."""
+    pixels: np.ndarray
+    physical: np.ndarray
+    density: np.ndarray
+    count_integration: float
+
+    def __len__(self):
+        return len(self.pixels)
+
+
+class Predictor:
+    """A trained model: `density(image)` and `detect(image)` for images as read from their
+    files, (*spatial[, channels]) in their own value range.
+
+    model, params: the network; record: the inference record (`new_record`, calibrated for
+    `detect`). Images of any size: edges are reflect-padded to a multiple of 8 for the network
+    and cropped back. The whole image is one network input, so the bottleneck attention
+    sees all of it.
+    """
+
+    def __init__(self, model, params, record: dict, step: Optional[int] = None):
+        self.model, self.params, self.record, self.step = model, params, record, step
+        self.normaliser = Normaliser.from_json(record["normalisation"])
+        self.ndim = int(record["ndim"])
+        self.spacing = tuple(record["spacing"])
+        self._fn = convolutions.jit(lambda p, x: model.apply({"params": p}, x[None], train=False)[0])
+
+    def _as_image(self, image):
+        image = np.asarray(image)
+        if image.ndim == self.ndim:
+            image = image[..., None]
+        channels = self.record["channels"]
+        if image.ndim != self.ndim + 1 or image.shape[-1] != channels:
+            raise InputError(f"the model takes {self.ndim}D images with {channels} channel(s) "
+                             f"({'z, ' if self.ndim == 3 else ''}y, x[, c]), got shape "
+                             f"{image.shape}")
+        return image
+
+    def density(self, image, normalised: bool = False) -> np.ndarray:
+        """The density map (*spatial) of an image; `normalised`: the image has already been
+        through `Normaliser.image` (the training pipeline's test images)."""
+        image = self._as_image(image)
+        x = self.normaliser.crop(image if normalised else self.normaliser.image(image))
+        m = 2 ** (models.LEVELS - 1)
+        spatial = x.shape[:-1]
+        pad = [(0, -s % m) for s in spatial] + [(0, 0)]
+        padded = np.pad(x, pad, mode="reflect" if min(spatial) > m else "edge")
+        return np.asarray(self._fn(self.params, padded))[tuple(slice(0, s) for s in spatial)]
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.record.get("detector"))
+
+    def detections_of(self, density) -> Detections:
+        """Detections of a density map with the calibrated detector and threshold."""
+        if not self.calibrated:
+            raise InputError("the model has no calibrated detector yet (training did not finish "
+                             "its calibration step); run `cellcount evaluate` on its folder")
+        d = self.record["detector"]
+        pts = postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1))
+        at = density[tuple(np.clip(np.round(pts).astype(int), 0,
+                                   np.array(density.shape) - 1).T)] if len(pts) else np.zeros(0)
+        return Detections(pts, pts * np.asarray(self.spacing, np.float32),
+                          np.asarray(at, np.float32),
+                          float(density.sum() / self.record["target"]["mass_per_dot"]))
+
+    def detect(self, image, normalised: bool = False) -> Detections:
+        return self.detections_of(self.density(image, normalised))
+
+
+def create_model(record: dict, impl: str = "auto"):
+    """The SAU-Net of an inference record, for inference (float32, no dropout)."""
+    return models.SAUNet(features=record["network"]["features"], dropout=0.0,
+                         impl=convolutions.resolve_impl(impl))
+
+
+def load_model(workdir: str) -> Predictor:
+    """The model in `workdir` (its newest readable checkpoint) as a `Predictor`."""
+    record = read_record(workdir)
+    step, params = checkpoints.restore_params(workdir)
+    if params is None:
+        raise InputError(f"{workdir}: no readable checkpoint in {checkpoints.directory(workdir)}")
+    return Predictor(create_model(record), jax.device_put(params), record, step)
