@@ -4,9 +4,12 @@ A checkpoint that cannot be read (a truncated file, as a full disk leaves it) is
 `<workdir>/checkpoints_damaged/<step>` with a warning that names it, and the one before is
 used: a damaged latest checkpoint costs the steps since the previous one, not the run.
 """
+import contextlib
+import io
 import logging
 import os
 import shutil
+import time
 import warnings
 
 import jax
@@ -31,13 +34,19 @@ def save(mngr, step: int, state):
 
 
 def _quiet_restore(fn):
-    # orbax logs the failure of a damaged checkpoint at length (asyncio tracebacks) before it
-    # raises; the caller reports it in one line.
+    # On a damaged checkpoint, orbax logs the failure at length and its pending reads print
+    # asyncio "Event loop is closed" tracebacks from their threads as they finish; the caller
+    # reports the damage in one line instead.
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        return fn()
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                return fn()
+            except Exception:
+                time.sleep(1.0)  # let the pending reads end while stderr is redirected
+                raise
     finally:
         logger.setLevel(level)
 

@@ -13,6 +13,7 @@ workdir) or a shipped one by name (`pretrained/vgg2d_cpu`). An input problem pri
 import glob
 import os
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -134,13 +135,22 @@ def _fail(message: str):
     sys.exit(2)
 
 
-def _parse(argv):
+def _flag_errors(fn, argv):
+    """fn(), where any failure is the user's (a flag, a config file, an override): reported
+    in one line."""
     try:
-        return FLAGS(_resolve_config_flag(argv))
-    except InputError as e:
-        _fail(str(e))
-    except flags.Error as e:
-        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        if "--verbose" in argv:
+            raise
+        text = str(e).strip().strip("'\"") or type(e).__name__
+        if isinstance(e, (AttributeError, KeyError)):
+            text = f"the config has no field {text!r}"
+        _fail(text.splitlines()[0])
+
+
+def _parse(argv):
+    return _flag_errors(lambda: FLAGS(_resolve_config_flag(argv)), argv)
 
 
 def _guarded(command_fn):
@@ -148,6 +158,7 @@ def _guarded(command_fn):
         if len(argv) > 1:
             _fail(f"unexpected arguments: {' '.join(argv[1:])}")
         logging.set_verbosity(logging.WARNING)  # progress is printed by the library
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
         try:
             command_fn()
         except InputError as e:
@@ -169,13 +180,13 @@ def main(argv=None):
     command = argv.pop(1)
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
-    define_flags()
+    _flag_errors(define_flags, argv)  # config_flags applies the overrides of sys.argv here
     app.run(_guarded(lambda: run(command)), argv=argv, flags_parser=_parse)
 
 
 def launch_main():
     """Entry point of `launch.py`: the same flags, the command chosen by `--mode`."""
-    define_flags()
+    _flag_errors(define_flags, sys.argv)
     flags.DEFINE_enum("mode", "train", list(COMMANDS), "train (then evaluate), evaluate, or "
                       "predict on --input.")
     app.run(_guarded(lambda: run(FLAGS.mode)), flags_parser=_parse)

@@ -207,9 +207,11 @@ def _check_finite(step: int, metrics, saved_step: int):
         return
     m = jax.device_get(metrics)
     bad = [k for k, v in m.items() if k != "finite" and not np.isfinite(v)]
+    kept = (f"the latest checkpoint is step {saved_step}" if saved_step
+            else "no checkpoint was written")
     raise Diverged(f"training diverged at step {step}: non-finite {', '.join(bad)}. Nothing "
-                   f"of this step was saved; the latest checkpoint is step {saved_step}. Lower "
-                   f"config.optim.lr or check the inputs and targets")
+                   f"of this step was saved; {kept}. Lower config.optim.lr or check the inputs "
+                   f"and targets")
 
 
 def _duration(s: float) -> str:
@@ -242,7 +244,8 @@ def train(config, workdir: str, allow_config_change: bool = False):
                                (1,) + crop + (channels,))
     log(f"SAU-Net {len(crop)}D, {models.count_params(state['params']):,} parameters, "
         f"{steps} steps of {config.train.batch} labeled"
-        + (f" + {config.train.unlabeled_batch} unlabeled" if config.ssl.enabled else "")
+        + (f" + {config.train.unlabeled_batch} unlabeled"
+           if config.ssl.enabled and train_set.unlabeled else "")
         + f" {'x'.join(map(str, crop))} crops, workdir {workdir}")
     record = model_folder.new_record(config, splits, _mass_per_dot(train_set))
     if lead:
@@ -262,6 +265,9 @@ def train(config, workdir: str, allow_config_change: bool = False):
         every = 0
 
     unlabeled_batch = config.train.unlabeled_batch if config.ssl.enabled else 0
+    if unlabeled_batch and not train_set.unlabeled:
+        log("no unlabeled images: training without the self-supervised term")
+        unlabeled_batch = 0
     per_step = config.train.batch + unlabeled_batch
     par = Parallel(make_train_step(config, model, tx, lr_fn), config.train.parallel)
     dstate = par.put_state(state)

@@ -27,7 +27,8 @@ def test_train_then_evaluate(tmp_path):
     assert "step 4/4" in log and "steps_per_s=" in log and "supervised=" in log and "w=" in log
     assert "F1" in log
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
-    log = launch(f"--workdir={wd}", "--mode=evaluate", *TINY)
+    log = launch(f"--workdir={wd}", "--mode=evaluate")  # the folder's own config.json
+    assert "model of step 4" in log and "F1" in log
     summary = json.load(open(os.path.join(wd, "eval.json")))
     assert set(summary["model"]) >= {"mae", "precision", "recall", "f1", "threshold"}
     # Rerunning training in the same workdir resumes at the end: nothing left to do.
@@ -39,7 +40,9 @@ def test_bad_override_is_rejected(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
                           f"--workdir={tmp_path}", "--config.train.parallel=vmap", *TINY],
                          capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode != 0 and "config.train.parallel" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.stderr.startswith("error: ") and "config.train.parallel" in out.stderr
 
 
 @pytest.mark.slow

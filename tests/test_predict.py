@@ -43,7 +43,7 @@ def test_folder_train_then_predict(tmp_path):
     density = tifffile.imread(os.path.join(out, "im1_density.tif"))
     assert density.shape == (44, 52) and density.dtype == np.float32
     overlay = np.asarray(Image.open(os.path.join(out, "im1_overlay.png")))
-    assert overlay.shape == (88, 104, 3)
+    assert overlay.shape == (88 + 28, 104, 3)  # + the legend
     det = list(csv.DictReader(open(os.path.join(out, "im1_detections.csv"))))
     assert len(det) == int(rows[1]["count_detections"])
     if det:
