@@ -6,7 +6,8 @@
 
 Measures, after compilation (compile time reported separately) and with
 `block_until_ready`: the SSL and supervised train steps, inference, the target generator
-against scipy, post-processing + matching, and, when torch is importable, the PyTorch peer
+against scipy, post-processing + matching, the cost of the run records and the
+non-finite guard on the quickstart step, and, when torch is importable, the PyTorch peer
 (../shared/peers/torch_saunet.py, its own timer) on the same shapes in the same run, as a
 ratio. The peer runs in a child process: each runtime's idle worker threads spin for a
 while after its last step and slow the other down when both live in one process.
@@ -233,10 +234,79 @@ def bench_post(steps):
           "step_s": round((time.perf_counter() - t0) / steps, 5)})
 
 
+def bench_records(blocks, block_steps):
+    """Cost of the run records and of the non-finite guard on the quickstart's train step
+    (f = 16, 64x64 crops, 4 labeled + 4 unlabeled, pmap on one device, as the loop runs it):
+    `blocks` adjacent pairs of `block_steps` steps without and with them, the mean and standard
+    error of their time ratio; then the time of writing one metrics line + TensorBoard scalars,
+    and of the final plot."""
+    import tempfile
+    from cellcount_jax import records
+
+    c = quickstart.get_config()
+    model = train.create_model(c)
+    tx, lr = optim.create_optimizer(c.optim, c.train.steps)
+    crop, n = tuple(c.train.crop), c.train.batch
+    state = train.create_train_state(c, model, tx, jax.random.key(0), (1, *crop, 3))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(n, *crop, 3)).astype(np.float32),
+             "target": rng.uniform(size=(n, *crop)).astype(np.float32),
+             "unlabeled": rng.normal(size=(c.train.unlabeled_batch, *crop, 3)).astype(np.float32)}
+    par = train.Parallel(train.make_train_step(c, model, tx, lr), "pmap", jax.devices()[:1])
+    dstate = par.put_state(state)
+    key = jax.random.key(1)
+    workdir = tempfile.mkdtemp()
+    recs = records.Records(workdir)
+    write_s = []
+
+    def block(guarded, dstate):
+        previous = None
+        t0 = time.perf_counter()
+        for i in range(block_steps):
+            dstate, m = par(dstate, batch, key)
+            if guarded and previous is not None:
+                train._check_finite(i, previous, 0)
+            previous = m
+            if (i + 1) % c.train.log_every == 0 or i + 1 == block_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
+                if guarded:
+                    t1 = time.perf_counter()
+                    recs.write(i + 1, scalars)
+                    write_s.append(time.perf_counter() - t1)
+        jax.block_until_ready(dstate)
+        return dstate, (time.perf_counter() - t0) / block_steps
+
+    dstate, _ = block(False, dstate)  # compile and warm up
+    # Adjacent pairs (order alternating) cancel the machine's drift; the ratio of each pair
+    # is one sample of the overhead.
+    times = {False: [], True: []}
+    for b in range(blocks):
+        for guarded in ((False, True) if b % 2 == 0 else (True, False)):
+            dstate, dt = block(guarded, dstate)
+            times[guarded].append(dt)
+    recs.close()
+    t0 = time.perf_counter()
+    records.plot(workdir)
+    plot_s = time.perf_counter() - t0
+    ratios = np.asarray(times[True]) / np.asarray(times[False]) - 1
+    plain = float(np.mean(times[False]))
+    overhead = float(ratios.mean())
+    steps = c.train.steps
+    emit({"name": "records_and_guard_quickstart", **device_info(), "pairs": blocks,
+          "block_steps": block_steps, "plain_step_s": round(plain, 5),
+          "guarded_step_s": round(float(np.mean(times[True])), 5),
+          "step_overhead": round(overhead, 4),
+          "step_overhead_stderr": round(float(ratios.std(ddof=1) / np.sqrt(len(ratios))), 4),
+          "record_write_ms": round(1e3 * float(np.mean(write_s)), 3), "plot_s": round(plot_s, 3),
+          "quickstart_overhead_s": round(steps * plain * overhead + plot_s
+                                         + steps / c.train.log_every * float(np.mean(write_s)), 2),
+          "quickstart_training_s": round(steps * plain, 1)})
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="train,torch,infer,targets,post",
-                   help="comma-separated subset of train,torch,infer,targets,post")
+    p.add_argument("--only", default="train,torch,infer,targets,post,records",
+                   help="comma-separated subset of train,torch,infer,targets,post,records")
     p.add_argument("--cases", default="", help="comma-separated train case names to run")
     p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
     p.add_argument("--impls", default="auto",
@@ -267,6 +337,8 @@ def main():
         bench_targets((56, 200, 200), 900, (1.0, 1.0, 1.0), 3 if a.quick else 5)
     if "post" in only:
         bench_post(10)
+    if "records" in only:
+        bench_records(4, 20) if a.quick else bench_records(30, 20)
 
 
 if __name__ == "__main__":

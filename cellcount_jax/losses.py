@@ -15,6 +15,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from cellcount_jax.errors import InputError
 
 

@@ -1,6 +1,7 @@
 """Learning-rate schedules and the optax optimizer chain."""
 import jax.numpy as jnp
 import optax
+
 from cellcount_jax.errors import InputError
 
 

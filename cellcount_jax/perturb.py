@@ -1,6 +1,7 @@
 """Perturbations of encoder features for the student branch of self-supervised training."""
 import jax
 import jax.numpy as jnp
+
 from cellcount_jax.errors import InputError
 
 

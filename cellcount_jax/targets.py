@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from cellcount_jax.errors import InputError
 
 # Squared distance standing for "no seed reached yet"; finite so that BIG + d^2 stays ordered.

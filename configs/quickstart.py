@@ -1,5 +1,5 @@
 """Quickstart: 2D SAU-Net with inverse distance targets and focal-consistency SSL on
-embedded synthetic fluorescence cells (no download). About 4 minutes on 2 CPU cores.
+embedded synthetic fluorescence cells (no download). About 3 minutes on 2 CPU cores.
 
     python launch.py --config=configs/quickstart.py --workdir=/tmp/cellcount_quickstart
 

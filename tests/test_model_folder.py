@@ -199,6 +199,9 @@ ERROR_CASES = [
     ("annotation without an image", ["train", "--images=imgs", "--dots=orphans"], "without an image"),
     ("wrong rank", ["predict", "--model=MODEL", "--input=vol.tif"], "vol.tif"),
     ("NaN in an image", ["predict", "--model=MODEL", "--input=nan.tif"], "NaN"),
+    ("wrong channel count", ["predict", "--model=MODEL", "--input=grey.png"], "3 channel(s)"),
+    ("empty dataset", ["train", "--images=empty", "--dots=dots"], "no PNG or TIFF images"),
+    ("no labeled images", ["train", "--images=imgs", "--dots=empty"], "no labeled"),
     ("bad config value", ["train", "--config.train.parallel=vmap"], "config.train.parallel"),
     ("unknown config", ["train", "--config=nosuch"], "nosuch"),
     ("config field that does not exist", ["train", "--config.train.nosuch=1"], "nosuch"),
@@ -216,7 +219,9 @@ def error_dir(tmp_path_factory):
     os.makedirs(d / "orphans")
     (d / "orphans" / "im9.csv").write_text("y,x\n5,5\n")
     (d / "bad.png").write_bytes(b"not a png")
-    tifffile.imwrite(d / "vol.tif", np.zeros((4, 16, 16), np.float32))
+    tifffile.imwrite(d / "vol.tif", np.zeros((4, 16, 16, 16), np.float32))
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / "grey.png")
+    os.makedirs(d / "empty")
     a = np.zeros((16, 16), np.float32)
     a[3, 3] = np.nan
     tifffile.imwrite(d / "nan.tif", a)

@@ -1,7 +1,6 @@
 """SAU-Net: parameter counts of the reference architecture, shapes, and blocks vs numpy."""
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 

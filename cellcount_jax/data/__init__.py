@@ -13,9 +13,9 @@ import numpy as np
 
 from cellcount_jax.data import io
 from cellcount_jax.data.dataset import Dataset, check_dots, make_targets, pad_dots
-from cellcount_jax.normalise import Normaliser
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
 from cellcount_jax.errors import InputError
+from cellcount_jax.normalise import Normaliser
 
 
 @dataclasses.dataclass

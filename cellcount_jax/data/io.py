@@ -11,6 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 from scipy import ndimage
+
 from cellcount_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff")
