@@ -273,10 +273,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
     dstate = par.put_state(state)
     step_key = jax.random.fold_in(rng, 1)
     bar = None
-    if lead and sys.stdout.isatty() and start < steps:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
-    say = bar.write if bar else (lambda s: print(s, flush=True))
+    say = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     t_log, done_log = t0, start
     previous = None
@@ -294,6 +291,10 @@ def train(config, workdir: str, allow_config_change: bool = False):
             jax.block_until_ready(metrics)
             t_log, done_log = time.perf_counter(), done
             log(f"compiled and ran the first step in {t_log - t0:.1f} s; training")
+            if lead and sys.stdout.isatty():  # a progress bar on a terminal, lines elsewhere
+                from tqdm import tqdm
+                bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
+                say = bar.write
         if bar:
             bar.update(1)
         if done % config.train.log_every == 0 or done == steps:
