@@ -4,7 +4,10 @@ applied the same way by training, evaluation and prediction.
 Two steps, both here so that no caller repeats the rule:
 - `Normaliser.image`: a whole image as read from its file, (*spatial, C) in its own value
   range -> float32 ('channel_stats': (x - mean) / std with per-channel statistics of the
-  training pool, the reference for VGG; 'minmax': the image to [0, 1] by its own range);
+  training pool, the reference for VGG; 'minmax': the image to [0, 1] by its own range;
+  'percentile': each channel of each image mapped so that its `percentiles` (default 1 and
+  99.8 %) go to 0 and 1, the StarDist/Cellpose convention, which makes the model indifferent
+  to exposure: the default for your own images);
 - `Normaliser.crop`: each network input, a training crop or the whole image at inference
   ('minmax': zero mean and unit std per channel, the reference's 3D recipe; otherwise none).
 """
@@ -15,7 +18,7 @@ import numpy as np
 
 from cellcount_jax.errors import InputError
 
-MODES = ("channel_stats", "minmax")
+MODES = ("channel_stats", "minmax", "percentile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +26,19 @@ class Normaliser:
     mode: str
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
+    percentiles: Optional[Tuple[float, ...]] = None
 
     @classmethod
-    def fit(cls, mode: str, images, key: str = "config.data.normalise"):
+    def fit(cls, mode: str, images, percentiles=(1.0, 99.8), key: str = "config.data.normalise"):
         """Fits `mode` on a list of (*spatial, C) training images (labeled and unlabeled)."""
         if mode not in MODES:
             raise InputError(f"{key} must be one of {MODES}, got {mode!r}")
+        if mode == "percentile":
+            lo, hi = (float(p) for p in percentiles)
+            if not 0 <= lo < hi <= 100:
+                raise InputError(f"config.data.percentiles must be (low, high) with 0 <= low < "
+                                 f"high <= 100, got {tuple(percentiles)}")
+            return cls(mode, percentiles=(lo, hi))
         if mode == "channel_stats":
             flat = np.concatenate([np.asarray(im, np.float32).reshape(-1, im.shape[-1])
                                    for im in images])
@@ -43,6 +53,10 @@ class Normaliser:
                 raise InputError(f"the model expects {len(self.mean)} channel(s), the image has "
                                  f"{image.shape[-1]}")
             return ((image - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
+        if self.mode == "percentile":
+            axes = tuple(range(image.ndim - 1))
+            lo, hi = np.percentile(image, self.percentiles, axis=axes).astype(np.float32)
+            return ((image - lo) / np.maximum(hi - lo, np.float32(1e-12))).astype(np.float32)
         lo, hi = float(image.min()), float(image.max())
         return ((image - lo) / max(hi - lo, 1e-12)).astype(np.float32)
 
@@ -64,7 +78,7 @@ class Normaliser:
         if d.get("mode") not in MODES:
             raise InputError(f"normalisation mode must be one of {MODES}, got {d.get('mode')!r}")
         return cls(d["mode"], *(tuple(d[k]) if d.get(k) is not None else None
-                                for k in ("mean", "std")))
+                                for k in ("mean", "std", "percentiles")))
 
 
 def standardise(image: np.ndarray) -> np.ndarray:

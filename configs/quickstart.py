@@ -29,7 +29,9 @@ def get_config():
     c.data.num_labeled = 8
     c.data.num_unlabeled = 32
     c.data.num_test = 16
-    c.data.normalise = "channel_stats"  # or 'minmax' (+ per-crop standardisation, 3D recipe)
+    c.data.normalise = "channel_stats"  # 'minmax' (+ per-crop standardisation, 3D recipe) or
+                                        # 'percentile' (per image, robust to exposure)
+    c.data.percentiles = (1.0, 99.8)    # 'percentile' only: mapped to 0 and 1
     # source 'vgg': the VGG cells folder and the paper's split seed
     c.data.path = "../shared/data/vgg_cells"
     c.data.split_seed = 5455
@@ -40,6 +42,14 @@ def get_config():
     c.data.test_names = ()           # stems held out from `images` for testing, or:
     c.data.test_images = ""          # a separate test folder
     c.data.test_annotations = ""
+
+    # Intensity augmentation of every training crop, in units of the crop's own spread
+    # (data.dataset.intensity_augment); 0 leaves a change out.
+    c.augment = ml_collections.ConfigDict()
+    c.augment.brightness = 0.0      # shift of up to +-this many standard deviations
+    c.augment.contrast = 0.0        # contrast factor in [1 - c, 1 + c]
+    c.augment.gamma = 0.0           # gamma in [1 / (1 + g), 1 + g]
+    c.augment.noise = 0.0           # Gaussian noise of up to this many standard deviations
 
     c.target = ml_collections.ConfigDict()
     c.target.kind = "inverse_distance"   # or 'gaussian'

@@ -84,3 +84,43 @@ def test_errors_are_clear():
         ds.sample(np.random.default_rng(0), (16, 16), 1, 1)
     with pytest.raises(ValueError, match="exceed max_dots"):
         pad_dots(np.zeros((5, 2)), 4)
+
+
+def test_percentile_normaliser_matches_numpy_and_ignores_exposure():
+    from cellcount_jax.normalise import Normaliser
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, 50.0, size=(40, 30, 2)).astype(np.float32)
+    n = Normaliser.fit("percentile", [image], (1.0, 99.8))
+    got = n(image)
+    for c in range(2):
+        lo, hi = np.percentile(image[..., c], [1.0, 99.8])
+        np.testing.assert_allclose(got[..., c], (image[..., c] - lo) / (hi - lo), rtol=1e-5,
+                                   atol=1e-5)
+    # A brighter or dimmer exposure of the same scene gives the same network input.
+    np.testing.assert_allclose(n(image * 3.0 + 7.0), got, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(n(image * 0.3), got, rtol=1e-4, atol=1e-4)
+    assert Normaliser.from_json(n.to_json()) == n
+    with pytest.raises(ValueError, match="percentiles"):
+        Normaliser.fit("percentile", [image], (99.0, 1.0))
+
+
+def test_intensity_augmentation():
+    from cellcount_jax.data.dataset import intensity_augment
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(32, 32, 1)).astype(np.float32)
+    rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(intensity_augment(rng, x), x)
+    assert rng.bit_generator.state == np.random.default_rng(5).bit_generator.state  # no draws
+    # Contrast about the mean: the mean stays, the spread scales by a factor in [0.7, 1.3].
+    for seed in range(5):
+        y = intensity_augment(np.random.default_rng(seed), x, contrast=0.3)
+        assert y.mean() == pytest.approx(x.mean(), abs=1e-4)
+        assert 0.7 - 1e-5 <= y.std() / x.std() <= 1.3 + 1e-5
+        # Brightness: one constant shift of at most 0.2 standard deviations.
+        d = intensity_augment(np.random.default_rng(seed), x, brightness=0.2) - x
+        assert np.ptp(d) < 1e-4 and abs(d.mean()) <= 0.2 * x.std() + 1e-5
+        # Gamma keeps the range and the order of the values.
+        g = intensity_augment(np.random.default_rng(seed), x, gamma=0.5)
+        assert g.min() == pytest.approx(x.min(), abs=1e-4) and g.max() == pytest.approx(x.max(), abs=1e-4)
+        assert np.all(np.diff(g.ravel()[np.argsort(x, axis=None)]) >= -1e-5)  # order kept
+    n = intensity_augment(np.random.default_rng(3), x, noise=0.1) - x
+    assert 0 < n.std() <= 0.1 * x.std() * 1.1

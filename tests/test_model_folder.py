@@ -52,6 +52,8 @@ def get_config():
     c.train.batch, c.train.unlabeled_batch = 2, 2
     c.train.steps, c.train.checkpoint_every, c.train.log_every = 120, 60, 60
     c.optim.lr = 3e-3
+    c.data.normalise = "percentile"
+    c.augment.contrast, c.augment.brightness, c.augment.gamma, c.augment.noise = 0.2, 0.1, 0.2, 0.05
     return c
 '''
 
@@ -82,6 +84,7 @@ def test_predict_from_the_folder_alone(tmp_path):
     assert config["data"]["source"] == "folder" and config["model"]["features"] == 4
     record = json.load(open(os.path.join(wd, "inference.json")))
     assert record["ndim"] == 2 and record["channels"] == 3 and record["detector"]["name"]
+    assert record["normalisation"] == {"mode": "percentile", "percentiles": [1.0, 99.8]}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = cellcount("predict", f"--model={wd}", f"--input={tmp_path / 'test'}", "--output=out",

@@ -159,6 +159,19 @@ def summary(labeled: Split, unlabeled: Split, test: Optional[Split], spacing) ->
     return "\n".join(lines)
 
 
+def _intensity(config):
+    """The keyword ranges of `intensity_augment` from config.augment (None when all are 0)."""
+    a = config.get("augment")
+    if a is None:
+        return None
+    ranges = {k: float(a.get(k, 0.0)) for k in ("brightness", "contrast", "gamma", "noise")}
+    for k, v in ranges.items():
+        if v < 0 or (k == "contrast" and v >= 1):
+            raise InputError(f"config.augment.{k} must be >= 0{' and < 1' if k == 'contrast' else ''}"
+                             f", got {v}")
+    return ranges if any(ranges.values()) else None
+
+
 def load(config):
     """Reads, normalises and prepares config.data: {'train': Dataset, 'test': Split or None,
     'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'summary': str}.
@@ -176,7 +189,8 @@ def load(config):
         raise InputError(f"config.data.spacing {spacing} has {len(spacing)} axes, the images "
                          f"{labeled.images[0].ndim - 1}")
     text = summary(labeled, unlabeled, test, spacing)
-    normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images)
+    normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images,
+                                cfg.get("percentiles", (1.0, 99.8)))
     for s in (labeled, unlabeled) + ((test,) if test is not None else ()):
         s.images = [normaliser.image(im) for im in s.images]
     t = config.target
@@ -184,6 +198,6 @@ def load(config):
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
                     rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
-                    names=labeled.names)
+                    intensity=_intensity(config), names=labeled.names)
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
             "summary": text}

@@ -70,6 +70,30 @@ def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rota
     return [np.ascontiguousarray(a) for a in arrays]
 
 
+def intensity_augment(rng: np.random.Generator, x: np.ndarray, brightness: float = 0.0,
+                      contrast: float = 0.0, gamma: float = 0.0, noise: float = 0.0):
+    """Random intensity changes of one normalised crop (*spatial, C), in units of its own
+    spread so that they mean the same under any normalisation: gamma g in [1/(1+gamma),
+    1+gamma] on the crop's [min, max] range, contrast c in [1-contrast, 1+contrast] about its
+    mean, a brightness shift of up to +-brightness standard deviations, and Gaussian noise of
+    up to `noise` standard deviations. A range of 0 leaves that change out (and draws nothing)."""
+    x = np.asarray(x, np.float32)
+    if gamma:
+        g = np.exp(rng.uniform(-np.log1p(gamma), np.log1p(gamma)))
+        lo, hi = x.min(), x.max()
+        if hi > lo:
+            x = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** np.float32(g)
+    std = float(x.std()) or 1.0
+    if contrast:
+        m = x.mean()
+        x = (x - m) * np.float32(rng.uniform(1 - contrast, 1 + contrast)) + m
+    if brightness:
+        x = x + np.float32(rng.uniform(-brightness, brightness) * std)
+    if noise:
+        x = x + rng.normal(0, rng.uniform(0, noise) * std, x.shape).astype(np.float32)
+    return x.astype(np.float32)
+
+
 @dataclasses.dataclass
 class Dataset:
     """Labeled images with dots and target maps, and a pool of unlabeled images.
@@ -77,7 +101,8 @@ class Dataset:
     images: list of (*spatial, channels) float32, already normalised; dots: list of (n, ndim)
     pixel coordinates; targets: list of maps from `make_targets`. rotate: rot90 in the last
     two axes (needs isotropic spacing there). crop_fn: applied to each crop, the model's
-    `Normaliser.crop` (the same function sees the whole image at inference).
+    `Normaliser.crop` (the same function sees the whole image at inference). intensity: keyword
+    ranges of `intensity_augment` applied to every crop before crop_fn (None: none).
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
@@ -85,6 +110,7 @@ class Dataset:
     unlabeled: List[np.ndarray] = dataclasses.field(default_factory=list)
     rotate: bool = True
     crop_fn: Optional[Callable] = None
+    intensity: Optional[dict] = None
     names: Optional[List[str]] = None
 
     @property
@@ -99,7 +125,7 @@ class Dataset:
         x, y = [], []
         for i in rng.integers(len(self.images), size=batch):
             a, t = _augment(rng, [self.images[i], self.targets[i]], self.ndim, crop, self.rotate)
-            x.append(self.crop_fn(a) if self.crop_fn else a)
+            x.append(self._finish(rng, a))
             y.append(t)
         out = {"image": np.stack(x), "target": np.stack(y)}
         if unlabeled_batch:
@@ -107,5 +133,10 @@ class Dataset:
                 raise InputError("unlabeled_batch > 0 but the unlabeled pool is empty")
             crops = [_augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
                      for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)]
-            out["unlabeled"] = np.stack([self.crop_fn(c) if self.crop_fn else c for c in crops])
+            out["unlabeled"] = np.stack([self._finish(rng, c) for c in crops])
         return out
+
+    def _finish(self, rng, crop):
+        if self.intensity:
+            crop = intensity_augment(rng, crop, **self.intensity)
+        return self.crop_fn(crop) if self.crop_fn else crop
