@@ -124,3 +124,23 @@ def test_intensity_augmentation():
         assert np.all(np.diff(g.ravel()[np.argsort(x, axis=None)]) >= -1e-5)  # order kept
     n = intensity_augment(np.random.default_rng(3), x, noise=0.1) - x
     assert 0 < n.std() <= 0.1 * x.std() * 1.1
+
+
+def test_an_annotation_of_another_image_is_named(tmp_path):
+    import warnings
+    from PIL import Image
+    from cellcount_jax.data import read_folder
+    imgs, dots = tmp_path / "images", tmp_path / "dots"
+    imgs.mkdir()
+    dots.mkdir()
+    for i in range(3):
+        img, d = synthetic_image(i, shape=(96, 96), num_cells=(12, 20), radius=4.0)
+        Image.fromarray((img * 255).astype(np.uint8)).save(imgs / f"im{i}.png")
+        if i == 2:  # the dots of an unrelated image
+            d = synthetic_image(40, shape=(96, 96), num_cells=(12, 20), radius=4.0)[1]
+        (dots / f"im{i}.csv").write_text("y,x\n" + "".join(f"{y},{x}\n" for y, x in d))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        read_folder(str(imgs), str(dots), 2)
+    messages = [str(w.message) for w in seen if "background" in str(w.message)]
+    assert len(messages) == 1 and "im2.csv" in messages[0]

@@ -7,9 +7,11 @@ split), 'folder' (your own images with dot CSVs or label masks).
 """
 import dataclasses
 import os
+import warnings
 from typing import List, Optional
 
 import numpy as np
+from scipy import ndimage
 
 from cellcount_jax.data import io
 from cellcount_jax.data.dataset import Dataset, check_dots, make_targets, pad_dots
@@ -78,6 +80,16 @@ def read_annotation(path: str, shape, image_path: str = "the image"):
     return d
 
 
+def dot_intensity_rank(image, dots, sigma: float = 2.0) -> float:
+    """Mean rank (0-1) among all pixels of the lightly smoothed image (channel mean) at the
+    dots. Dots on cells rank high (fluorescence, ~0.9 on VGG and on the 3D nuclei data) or low
+    (dark stained cells); dots of another image or on empty background rank like a typical
+    pixel, near 0.5."""
+    a = ndimage.gaussian_filter(np.asarray(image, np.float32).mean(-1), sigma)
+    idx = tuple(np.clip(np.round(dots).astype(int), 0, np.array(a.shape) - 1).T)
+    return float(np.mean(np.searchsorted(np.sort(a, axis=None), a[idx]) / a.size))
+
+
 def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None):
     """Images of a folder and their annotations, matched by file stem.
 
@@ -107,6 +119,13 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
         path = os.path.join(images_dir, f)
         image = io.read_image(path, ndim, channels)
         d = read_annotation(ann[stem], image.shape[:-1], path) if stem in ann else None
+        if d is not None and len(d) >= 3:
+            rank = dot_intensity_rank(image, d)
+            if 0.3 < rank < 0.7:
+                warnings.warn(f"{ann[stem]}: its dots sit mostly on background of {path} (the "
+                              f"image at the dots is no brighter or darker than a typical pixel: "
+                              f"mean rank {rank:.2f}); is it the annotation of another image?",
+                              stacklevel=2)
         images.append(image)
         dots.append(d)
         names.append(stem)
