@@ -59,8 +59,12 @@ def model_path(name: str) -> str:
 
 
 def _resolve_config_flag(argv):
-    """Rewrites `--config=NAME` / `--config NAME` to the file of a shipped config."""
+    """Rewrites `--config=NAME` / `--config NAME` to the file of a shipped config; with
+    `--images` and no `--config`, the config is `folder2d`."""
     out = list(argv)
+    if (any(a.startswith("--images") for a in out)
+            and not any(a == "--config" or a.startswith("--config=") for a in out)):
+        out.insert(1, "--config=folder2d")
     for i, a in enumerate(out):
         if a.startswith("--config="):
             out[i] = "--config=" + config_path(a[len("--config="):])
@@ -78,7 +82,8 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "train: the model folder to write (default "
                         "workdir/<config name>); evaluate: the model folder.")
     flags.DEFINE_string("images", None, "train: a folder of your images (shortcut for "
-                        "--config.data.source=folder --config.data.images=...).")
+                        "--config.data.source=folder --config.data.images=...; without "
+                        "--config, the folder2d config).")
     flags.DEFINE_string("dots", None, "train: a folder of <image stem>.csv dot files or masks.")
     flags.DEFINE_string("test-images", None, "train: a folder of held-out images.")
     flags.DEFINE_string("test-dots", None, "train: annotations of the held-out images.")
@@ -150,7 +155,7 @@ def _flag_errors(fn, argv):
 
 
 def _parse(argv):
-    return _flag_errors(lambda: FLAGS(_resolve_config_flag(argv)), argv)
+    return _flag_errors(lambda: FLAGS(argv), argv)
 
 
 def _guarded(command_fn):
@@ -180,12 +185,15 @@ def main(argv=None):
     command = argv.pop(1)
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
-    _flag_errors(define_flags, argv)  # config_flags applies the overrides of sys.argv here
-    app.run(_guarded(lambda: run(command)), argv=argv, flags_parser=_parse)
+    # config_flags reads sys.argv when its flag is defined: it gets the resolved arguments.
+    sys.argv = _flag_errors(lambda: _resolve_config_flag(argv), argv)
+    _flag_errors(define_flags, sys.argv)
+    app.run(_guarded(lambda: run(command)), argv=sys.argv, flags_parser=_parse)
 
 
 def launch_main():
     """Entry point of `launch.py`: the same flags, the command chosen by `--mode`."""
+    sys.argv = _flag_errors(lambda: _resolve_config_flag(sys.argv), sys.argv)
     _flag_errors(define_flags, sys.argv)
     flags.DEFINE_enum("mode", "train", list(COMMANDS), "train (then evaluate), evaluate, or "
                       "predict on --input.")

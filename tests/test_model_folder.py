@@ -259,3 +259,16 @@ def test_shipped_model_works_from_any_directory(tmp_path):
         model = load_model("pretrained/vgg2d_cpu")
         image = np.asarray(Image.open(os.path.join(VGG, "001cell.png")))
         assert abs(len(model.detect(image)) - 135) <= 10
+
+
+def test_configs_by_name_and_the_default_for_your_own_images():
+    from cellcount_jax import cli
+    argv = cli._resolve_config_flag(["cellcount", "--images=x", "--config.train.steps=5"])
+    assert argv[1].endswith(os.path.join("configs", "folder2d.py")) and os.path.isfile(argv[1][9:])
+    argv = cli._resolve_config_flag(["cellcount", "--config=vgg2d_cpu", "--images=x"])
+    assert argv == ["cellcount", "--config=" + cli.config_path("vgg2d_cpu"), "--images=x"]
+    # The installed configs are the files of configs/ (no copies that could drift).
+    assert os.path.samefile(cli.config_path("vgg2d_cpu"), os.path.join(ROOT, "configs", "vgg2d_cpu.py"))
+    from cellcount_jax.configs import folder2d, folder3d
+    assert folder2d.get_config().data.normalise == "percentile"
+    assert folder3d.get_config().data.ndim == 3 and folder3d.get_config().augment.gamma > 0

@@ -212,11 +212,15 @@ def load(config):
                                 cfg.get("percentiles", (1.0, 99.8)))
     for s in (labeled, unlabeled) + ((test,) if test is not None else ()):
         s.images = [normaliser.image(im) for im in s.images]
+    intensity = _intensity(config)
+    text += f"\n  normalisation {normaliser.mode}" + (
+        ", intensity augmentation " + ", ".join(f"{k} {v:g}" for k, v in intensity.items())
+        if intensity else "")
     t = config.target
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
                     rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
-                    intensity=_intensity(config), names=labeled.names)
+                    intensity=intensity, names=labeled.names)
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
             "summary": text}
