@@ -57,14 +57,13 @@ def score(maps, dots, threshold, radii, spacing=None, detector="components", min
     return out, preds, rows
 
 
-def calibrate_record(config, predictor, splits, train_maps=None):
+def calibrate_record(config, predictor, splits):
     """Chooses the detector and threshold on the labeled training images and stores them in
     `predictor.record['detector']`. Thresholds are tried relative to the typical peak of the
     training targets (scale for inverse distance maps, one Gaussian's height for density
     maps)."""
     ev, train = config.eval, splits["train"]
-    if train_maps is None:
-        train_maps = [predictor.density(im, normalised=True) for im in train.images]
+    train_maps = [predictor.density(im, normalised=True) for im in train.images]
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
     detector, thr = calibrate(train_maps, train.dots, candidates, float(ev.radius),
@@ -72,7 +71,6 @@ def calibrate_record(config, predictor, splits, train_maps=None):
     predictor.record["detector"] = {"name": detector, "threshold": thr,
                                     "min_size": int(ev.min_size), "radius": float(ev.radius),
                                     "calibrated_on": f"{len(train.images)} labeled training images"}
-    return train_maps
 
 
 def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=True):

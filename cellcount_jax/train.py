@@ -297,6 +297,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
                 say = bar.write
         if bar:
             bar.update(1)
+        scalars = {}
         if done % config.train.log_every == 0 or done == steps:
             m = jax.device_get(metrics)
             _check_finite(done, m, saved)
@@ -306,23 +307,20 @@ def train(config, workdir: str, allow_config_change: bool = False):
                 rate = (done - done_log) / (now - t_log)
                 scalars.update(steps_per_s=rate, images_per_s=rate * per_step)
             t_log, done_log = now, done
-            if every and done % every == 0:
-                predictor.params, predictor.step = par.get_state(dstate)["params"], done
-                scalars.update(_periodic_eval(config, predictor, splits))
-                t_log = time.perf_counter()  # the step rate leaves evaluation out
+        if every and done % every == 0:
+            _check_finite(done, metrics, saved)
+            t_eval = time.perf_counter()
+            predictor.params, predictor.step = par.get_state(dstate)["params"], done
+            scalars.update(_periodic_eval(config, predictor, splits))
+            t_log += time.perf_counter() - t_eval  # the step rate leaves evaluation out
+        if scalars:
             recs.write(done, scalars)
             line = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             if "steps_per_s" in scalars:
                 line += f" eta={_duration((steps - done) / scalars['steps_per_s'])}"
             say(f"[{time.strftime('%H:%M:%S')}] step {done}/{steps} {line}")
-            if bar:
+            if bar and "loss" in scalars:
                 bar.set_postfix(loss=f"{scalars['loss']:.4g}")
-        elif every and done % every == 0:
-            _check_finite(done, metrics, saved)
-            t_eval = time.perf_counter()
-            predictor.params, predictor.step = par.get_state(dstate)["params"], done
-            recs.write(done, _periodic_eval(config, predictor, splits))
-            t_log += time.perf_counter() - t_eval
         if done % config.train.checkpoint_every == 0 or done == steps:
             _check_finite(done, metrics, saved)  # never save a non-finite state
             if lead:
