@@ -197,6 +197,7 @@ def test_run_records_metrics_tensorboard_and_plot(tmp_path):
 ERROR_CASES = [
     # (what the README promises, arguments, a part of the one-line message)
     ("missing image folder", ["train", "--images=nowhere", "--dots=nowhere"], "nowhere"),
+    ("missing annotation folder", ["train", "--images=imgs", "--dots=nodots"], "nodots"),
     ("unreadable image", ["predict", "--model=MODEL", "--input=bad.png"], "bad.png"),
     ("dots outside the image", ["train", "--images=imgs", "--dots=outside"], "outside the image"),
     ("annotation without an image", ["train", "--images=imgs", "--dots=orphans"], "without an image"),

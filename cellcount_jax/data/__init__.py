@@ -101,6 +101,8 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
     if not files:
         raise InputError(f"{images_dir}: no PNG or TIFF images")
     ann = {}
+    if annotations_dir and not os.path.isdir(annotations_dir):
+        raise InputError(f"{annotations_dir}: annotation folder not found")
     if annotations_dir:
         for f in sorted(os.listdir(annotations_dir)):
             stem, ext = os.path.splitext(f)
