@@ -1,7 +1,7 @@
 """The `cellcount` command (and `launch.py`): train, evaluate, predict.
 
-    cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR
-                    [--test-images=DIR --test-dots=DIR]] [--config.<block>.<field>=VALUE ...]
+    cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR [--roi=DIR]
+                    [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]] [--config.<block>.<field>=VALUE ...]
     cellcount evaluate --workdir=DIR
     cellcount predict --model=DIR --input=FILE|DIR [--output=DIR] [--annotations=FILE|DIR]
 
@@ -85,8 +85,12 @@ def define_flags():
                         "--config.data.source=folder --config.data.images=...; without "
                         "--config, the folder2d config).")
     flags.DEFINE_string("dots", None, "train: a folder of <image stem>.csv dot files or masks.")
+    flags.DEFINE_string("roi", None, "train: a folder of regions of interest of partly dotted "
+                        "images (<stem>.csv boxes y0,x0,y1,x1 or <stem>.tif masks); the "
+                        "supervised loss sees only those regions.")
     flags.DEFINE_string("test-images", None, "train: a folder of held-out images.")
     flags.DEFINE_string("test-dots", None, "train: annotations of the held-out images.")
+    flags.DEFINE_string("test-roi", None, "train: regions of interest of the held-out images.")
     flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir whose model, data "
                       "or target config differs from its config.json.")
     flags.DEFINE_string("model", None, "predict: a model folder (a training workdir) or a "
@@ -106,8 +110,11 @@ def _train_config():
         config.data.annotations = FLAGS.dots or ""
         config.data.test_images = FLAGS["test-images"].value or ""
         config.data.test_annotations = FLAGS["test-dots"].value or ""
-    elif FLAGS.dots or FLAGS["test-images"].value or FLAGS["test-dots"].value:
-        raise InputError("--dots, --test-images and --test-dots go with --images")
+        config.data.roi = FLAGS.roi or ""
+        config.data.test_roi = FLAGS["test-roi"].value or ""
+    elif any(FLAGS[k].value for k in ("dots", "roi", "test-images", "test-dots", "test-roi")):
+        raise InputError("--dots, --roi, --test-images, --test-dots and --test-roi go with "
+                         "--images")
     if FLAGS["test-images"].value and not FLAGS["test-dots"].value:
         raise InputError("--test-images needs --test-dots (the held-out images' annotations)")
     return config

@@ -20,15 +20,37 @@ from cellcount_jax import metrics, postprocess
 from cellcount_jax.model_folder import write_json
 
 
-def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1):
-    """(detector, threshold) with the best pooled F1 (then lowest MAE) on (maps, dots).
+def inside(points, roi):
+    """The points (n, ndim) whose nearest pixel lies in the bool mask `roi` (None: all)."""
+    points = np.asarray(points)
+    if roi is None or len(points) == 0:
+        return points
+    idx = np.clip(np.round(points).astype(int), 0, np.array(roi.shape) - 1)
+    return points[roi[tuple(idx.T)]]
 
-    detector 'auto' tries 'components' and 'peaks'; the data are the labeled training images.
+
+def _within(maps, dots, rois):
+    """Dots restricted to their regions of interest, and a detector of maps that keeps only
+    the detections there."""
+    rois = rois or [None] * len(maps)
+    dots = [inside(d, r) for d, r in zip(dots, rois)]
+    return dots, lambda det, t, min_size: [inside(postprocess.detect_with(m, t, det, min_size), r)
+                                           for m, r in zip(maps, rois)]
+
+
+def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
+              rois=None):
+    """(detector, threshold) with the best pooled F1 (then lowest MAE) on (maps, dots), within
+    `rois` (bool masks or None per map) where given.
+
+    detector 'auto' tries 'components' and 'peaks'; the data are the labeled training images
+    (or their held-out bands).
     """
     best = None
+    dots, detect = _within(maps, dots, rois)
     for det in (postprocess.DETECTORS if detector == "auto" else (detector,)):
         for t in candidates:
-            preds = [postprocess.detect_with(m, t, det, min_size) for m in maps]
+            preds = detect(det, t, min_size)
             r = metrics.evaluate_points(preds, dots, radius, spacing)
             key = (r["f1"], -r["mae"])
             if best is None or key > best[0]:
@@ -37,20 +59,24 @@ def calibrate(maps, dots, candidates, radius, spacing=None, detector="components
 
 
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
-          mass_per_dot=None):
-    """Scores at each radius in `radii` (the first is the headline) plus per-image rows."""
-    preds = [postprocess.detect_with(m, threshold, detector, min_size) for m in maps]
+          mass_per_dot=None, rois=None):
+    """Scores at each radius in `radii` (the first is the headline) plus per-image rows; with
+    `rois`, of the dots and detections inside each image's region of interest (and the
+    integration count of the map's mass there)."""
+    dots, detect = _within(maps, dots, rois)
+    preds = detect(detector, threshold, min_size)
     out = metrics.evaluate_points(preds, dots, radii[0], spacing)
     out["threshold"] = threshold
     out["by_radius"] = {str(r): metrics.evaluate_points(preds, dots, r, spacing) for r in radii}
     out["count_mean"] = float(np.mean([len(p) for p in preds]))
     out["true_count_mean"] = float(np.mean([len(d) for d in dots]))
     rows = []
-    for p, d, m in zip(preds, dots, maps):
+    for p, d, m, r in zip(preds, dots, maps, rois or [None] * len(maps)):
         tp, fp, fn = metrics.match(p, d, radii[0], spacing)
         rows.append({"true_count": len(d), "detected_count": len(p), "tp": tp, "fp": fp, "fn": fn})
         if mass_per_dot:
-            rows[-1]["integrated_count"] = float(np.sum(m) / mass_per_dot)
+            mass = np.sum(m) if r is None else np.sum(m[r])
+            rows[-1]["integrated_count"] = float(mass / mass_per_dot)
     if mass_per_dot:
         out["mae_integration"] = float(np.mean([abs(r["integrated_count"] - r["true_count"])
                                                 for r in rows]))
@@ -58,19 +84,24 @@ def score(maps, dots, threshold, radii, spacing=None, detector="components", min
 
 
 def calibrate_record(config, predictor, splits):
-    """Chooses the detector and threshold on the labeled training images and stores them in
+    """Chooses the detector and threshold on splits['calibration'] (the labeled training
+    images, or held-out bands of them: `data.calibration_split`) and stores them in
     `predictor.record['detector']`. Thresholds are tried relative to the typical peak of the
     training targets (scale for inverse distance maps, one Gaussian's height for density
     maps)."""
     ev, train = config.eval, splits["train"]
-    train_maps = [predictor.density(im, normalised=True) for im in train.images]
+    cal = splits["calibration"]
+    maps = [predictor.density(im, normalised=True) for im in cal.images]
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
-    detector, thr = calibrate(train_maps, train.dots, candidates, float(ev.radius),
-                              splits["spacing"], ev.detector, ev.min_size)
-    predictor.record["detector"] = {"name": detector, "threshold": thr,
-                                    "min_size": int(ev.min_size), "radius": float(ev.radius),
-                                    "calibrated_on": f"{len(train.images)} labeled training images"}
+    detector, thr = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
+                              ev.detector, ev.min_size, cal.rois)
+    held_out = ev.get("calibrate_on", "train") == "holdout"
+    predictor.record["detector"] = {
+        "name": detector, "threshold": thr, "min_size": int(ev.min_size),
+        "radius": float(ev.radius),
+        "calibrated_on": f"{'held-out bands of ' if held_out else ''}{len(cal.images)} labeled "
+                         f"training images"}
 
 
 def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=True):
@@ -83,24 +114,25 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     """
     ev = config.eval
     spacing = splits["spacing"]
-    train, test = splits["train"], splits["test"]
+    test = splits["test"]
     radii = [float(ev.radius)] + [float(r) for r in ev.extra_radii]
     d = predictor.record["detector"]
     test_maps = [predictor.density(im, normalised=True) for im in test.images]
     mass = predictor.record["target"]["mass_per_dot"]
     model_scores, preds, rows = score(test_maps, test.dots, d["threshold"], radii, spacing,
-                                      d["name"], d["min_size"], mass)
+                                      d["name"], d["min_size"], mass, test.rois)
     model_scores["detector"] = d["name"]
     summary = {"model": model_scores}
     if baseline:
         raw = lambda ims: [im.mean(-1) for im in ims]
-        train_raw = raw(train.images)
-        raw_candidates = np.quantile(np.concatenate([r.ravel() for r in train_raw]),
+        cal = splits["calibration"]
+        cal_raw = raw(cal.images)
+        raw_candidates = np.quantile(np.concatenate([r.ravel() for r in cal_raw]),
                                      np.linspace(0.3, 0.995, 40))
-        raw_det, raw_thr = calibrate(train_raw, train.dots, raw_candidates, radii[0], spacing,
-                                     ev.detector, ev.min_size)
+        raw_det, raw_thr = calibrate(cal_raw, cal.dots, raw_candidates, radii[0], spacing,
+                                     ev.detector, ev.min_size, cal.rois)
         summary["raw_threshold"] = score(raw(test.images), test.dots, raw_thr, radii, spacing,
-                                         raw_det, ev.min_size)[0]
+                                         raw_det, ev.min_size, rois=test.rois)[0]
         summary["raw_threshold"]["detector"] = raw_det
     summary.update(num_test_images=len(test.images), radius=radii[0], detector=d["name"],
                    mass_per_dot=mass, step=predictor.step)

@@ -1,6 +1,9 @@
 """Losses as pure functions, chosen by name in the config.
 
-Supervised losses: `fn(pred, target) -> scalar`, both (batch, *spatial).
+Supervised losses: `fn(pred, target) -> scalar`, both (batch, *spatial). Where the labeled
+images have regions of interest (or a held-out calibration band) the step calls
+`fn(pred, target, mask=mask, axis_name=axis_name)` with a 0/1 mask of the same shape: the loss
+must then ignore the pixels where it is 0.
 Consistency losses: `fn(student, teacher, *, axis_name=None, **options) -> scalar`, both
 (batch, *spatial); the teacher output is already under `stop_gradient`. Under `pmap` or
 `shard_map` the step passes the device `axis_name`: a loss whose normaliser is not a fixed
@@ -19,9 +22,15 @@ import numpy as np
 from cellcount_jax.errors import InputError
 
 
-def mse(pred, target):
-    """Pixel mean squared error against the (already scaled) target map."""
-    return jnp.mean((pred - target) ** 2)
+def mse(pred, target, *, mask=None, axis_name=None):
+    """Pixel mean squared error against the (already scaled) target map; with a `mask`, the
+    mean over the masked pixels of the global batch."""
+    if mask is None:
+        return jnp.mean((pred - target) ** 2)
+    count = jnp.sum(mask)
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name) / jax.lax.psum(1, axis_name)
+    return jnp.sum(mask * (pred - target) ** 2) / jnp.maximum(count, 1.0)
 
 
 def _max_filter_3(x):

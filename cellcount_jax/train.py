@@ -48,7 +48,8 @@ def create_train_state(config, model, tx, rng, input_shape):
 def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
     """Per-device step `(state, batch, rng) -> (state, metrics)`, to run under an `axis_name`.
 
-    batch: {'image': (B, *spatial, C), 'target': (B, *spatial)[, 'unlabeled': (U, *spatial, C)]}.
+    batch: {'image': (B, *spatial, C), 'target': (B, *spatial)[, 'mask': (B, *spatial),
+    'unlabeled': (U, *spatial, C)]}; 'mask' limits the supervised loss (`losses`).
     Without 'unlabeled' the step is supervised only (w = 0, no teacher pass). The teacher is
     the current parameters under `stop_gradient` (or their EMA when `ssl.ema_decay` > 0),
     deterministic and without noise. The student sees [labeled; unlabeled] in one forward pass
@@ -87,7 +88,10 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
                 feats = perturb.feature_noise(noise_rng, feats, n_labeled, ssl.noise_rate,
                                               ssl.noise_at)
             out = model.apply({"params": params}, feats, method=models.SAUNet.decode)
-            sup = supervised(out[:n_labeled], y)
+            if "mask" in batch:
+                sup = supervised(out[:n_labeled], y, mask=batch["mask"], axis_name=axis_name)
+            else:
+                sup = supervised(out[:n_labeled], y)
             terms = {"supervised": sup}
             loss = sup
             if use_ssl:
@@ -355,7 +359,9 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     """Chooses the detector and threshold on the labeled images, stores them in the model
     folder and scores the held-out split (if any). Returns the summary (or None)."""
     n = len(splits["train"].images)
-    log(f"calibrating the detector and threshold on the {n} labeled training images")
+    where = ("held-out bands of the" if config.eval.get("calibrate_on", "train") == "holdout"
+             else "the")
+    log(f"calibrating the detector and threshold on {where} {n} labeled training images")
     evaluation.calibrate_record(config, predictor, splits)
     d = predictor.record["detector"]
     lead = jax.process_index() == 0

@@ -95,7 +95,7 @@ def test_folder_errors_name_the_file(tmp_path):
         read_folder(img, ann, 3)
     (tmp_path / "dots" / "a.csv").write_text("z,y,x\n1,2,3\n")
     (tmp_path / "dots" / "zzz.csv").write_text("z,y,x\n")
-    with pytest.raises(ValueError, match="annotations without an image.*zzz"):
+    with pytest.raises(ValueError, match="annotation files without an image.*zzz"):
         read_folder(img, ann, 3)
     os.remove(tmp_path / "dots" / "zzz.csv")
     tifffile.imwrite(str(tmp_path / "dots" / "b.tif"), np.zeros((4, 8, 8), np.uint8),

@@ -1,7 +1,7 @@
 """Datasets: splits of labeled, unlabeled and held-out images, ready for training.
 
 `load(config)` returns {'train': Dataset, 'test': Split or None, 'spacing': tuple,
-'normaliser': Normaliser, 'summary': str}. Sources
+'normaliser': Normaliser, 'calibration': Split, 'summary': str}. Sources
 (`config.data.source`): 'synthetic' (embedded generator), 'vgg' (VGG cells, the paper's
 split), 'folder' (your own images with dot CSVs or label masks).
 """
@@ -22,10 +22,16 @@ from cellcount_jax.normalise import Normaliser
 
 @dataclasses.dataclass
 class Split:
-    """Images with names and, where known, dots (None for unlabeled images)."""
+    """Images with names and, where known, dots (None for unlabeled images). rois: None
+    (every image annotated everywhere) or one bool mask per image (None: the whole image)
+    of the region its dots cover."""
     images: List[np.ndarray]
     dots: List[np.ndarray]
     names: List[str]
+    rois: Optional[List[Optional[np.ndarray]]] = None
+
+    def roi(self, i: int):
+        return None if self.rois is None else self.rois[i]
 
 
 def _synthetic(cfg):
@@ -90,39 +96,52 @@ def dot_intensity_rank(image, dots, sigma: float = 2.0) -> float:
     return float(np.mean(np.searchsorted(np.sort(a, axis=None), a[idx]) / a.size))
 
 
-def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None):
+def _files_by_stem(folder: str, stems, what: str):
+    """{stem: path} of the CSV/image files of `folder`, each stem an image's."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: {what} folder not found")
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in (".csv",) + io.IMAGE_EXTENSIONS:
+            if stem in out:
+                raise InputError(f"{folder}: two {what} files for {stem!r}")
+            out[stem] = os.path.join(folder, f)
+    orphans = sorted(set(out) - set(stems))
+    if orphans:
+        raise InputError(f"{folder}: {what} files without an image: {orphans[:5]}")
+    return out
+
+
+def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None,
+                roi_dir: str = ""):
     """Images of a folder and their annotations, matched by file stem.
 
     An annotation is `<stem>.csv` (dots, header naming the axes) or `<stem>.tif|.tiff|.png`
     (a label or binary mask, turned into dots by component centroids). Images without one are
-    unlabeled. Returns a Split (dots None where unlabeled).
+    unlabeled. `roi_dir`: optional regions of interest of annotated images (`io.read_roi`:
+    boxes or a mask per stem); an annotation then covers its region only, and an image without
+    one is annotated everywhere. Returns a Split (dots None where unlabeled).
     """
     files = io.list_images(images_dir)
     if not files:
         raise InputError(f"{images_dir}: no PNG or TIFF images")
-    ann = {}
-    if annotations_dir and not os.path.isdir(annotations_dir):
-        raise InputError(f"{annotations_dir}: annotation folder not found")
-    if annotations_dir:
-        for f in sorted(os.listdir(annotations_dir)):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in (".csv",) + io.IMAGE_EXTENSIONS:
-                if stem in ann:
-                    raise InputError(f"{annotations_dir}: two annotations for {stem!r}")
-                ann[stem] = os.path.join(annotations_dir, f)
-    stems = {os.path.splitext(f)[0] for f in files}
-    orphans = sorted(set(ann) - stems)
-    if orphans:
-        raise InputError(f"{annotations_dir}: annotations without an image in {images_dir}: "
-                         f"{orphans[:5]}")
-    images, dots, names = [], [], []
-    for f in files:
-        stem = os.path.splitext(f)[0]
+    stems = [os.path.splitext(f)[0] for f in files]
+    ann = _files_by_stem(annotations_dir, stems, "annotation") if annotations_dir else {}
+    roi = _files_by_stem(roi_dir, stems, "region of interest") if roi_dir else {}
+    unannotated = sorted(set(roi) - set(ann))
+    if unannotated:
+        raise InputError(f"{roi_dir}: regions of interest of images without an annotation: "
+                         f"{unannotated[:5]}")
+    images, dots, names, rois = [], [], [], []
+    for f, stem in zip(files, stems):
         path = os.path.join(images_dir, f)
         image = io.read_image(path, ndim, channels)
         d = read_annotation(ann[stem], image.shape[:-1], path) if stem in ann else None
-        if d is not None and len(d) >= 3:
-            rank = dot_intensity_rank(image, d)
+        r = io.read_roi(roi[stem], image.shape[:-1]) if stem in roi else None
+        inside = d if r is None or d is None else d[r[tuple(np.round(d).astype(int).T)]]
+        if inside is not None and len(inside) >= 3:
+            rank = dot_intensity_rank(image, inside)
             if 0.3 < rank < 0.7:
                 warnings.warn(f"{ann[stem]}: its dots sit mostly on background of {path} (the "
                               f"image at the dots is no brighter or darker than a typical pixel: "
@@ -131,23 +150,31 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None)
         images.append(image)
         dots.append(d)
         names.append(stem)
+        rois.append(r)
     if channels is None and len({im.shape[-1] for im in images}) > 1:
         raise InputError(f"{images_dir}: images have different channel counts")
-    return Split(images, dots, names)
+    return Split(images, dots, names, rois if roi else None)
 
 
 def _folder(cfg):
-    split = read_folder(cfg.images, cfg.annotations, cfg.ndim, cfg.get("channels_expected"))
+    split = read_folder(cfg.images, cfg.annotations, cfg.ndim, cfg.get("channels_expected"),
+                        cfg.get("roi", ""))
     test_names = set(cfg.test_names)
     missing = test_names - set(split.names)
     if missing:
         raise InputError(f"config.data.test_names: {sorted(missing)} not in {cfg.images}")
-    pick = lambda keep: Split(*[[v for v, n, d in zip(vals, split.names, split.dots) if keep(n, d)]
-                                for vals in (split.images, split.dots, split.names)])
+
+    def pick(keep):
+        idx = [i for i, (n, d) in enumerate(zip(split.names, split.dots)) if keep(n, d)]
+        return Split([split.images[i] for i in idx], [split.dots[i] for i in idx],
+                     [split.names[i] for i in idx],
+                     None if split.rois is None else [split.rois[i] for i in idx])
+
     labeled = pick(lambda n, d: n not in test_names and d is not None)
     unlabeled = pick(lambda n, d: n not in test_names and d is None)
     if cfg.test_images:
-        test = read_folder(cfg.test_images, cfg.test_annotations, cfg.ndim)
+        test = read_folder(cfg.test_images, cfg.test_annotations, cfg.ndim,
+                           roi_dir=cfg.get("test_roi", ""))
     else:
         test = pick(lambda n, d: n in test_names)
     if not test.images:
@@ -195,7 +222,8 @@ def _intensity(config):
 
 def load(config):
     """Reads, normalises and prepares config.data: {'train': Dataset, 'test': Split or None,
-    'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'summary': str}.
+    'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'calibration':
+    Split of the images (and regions) the detector is calibrated on, 'summary': str}.
     Test images are normalised like training images; the test split is None when a folder
     source names none."""
     cfg = config.data
@@ -220,9 +248,62 @@ def load(config):
         if intensity else "")
     t = config.target
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)
+    masks, calibration = calibration_split(config, labeled)
+    if labeled.rois is not None:
+        n = sum(r is not None for r in labeled.rois)
+        text += f"\n  regions of interest: {n} of {len(labeled.rois)} labeled images"
+    if masks is not labeled.rois:
+        text += (f"\n  calibration on held-out bands ({100 * config.eval.holdout:g} % of each "
+                 f"labeled image, left out of the supervised loss)")
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
                     rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
-                    intensity=intensity, names=labeled.names)
+                    intensity=intensity, names=labeled.names, masks=masks)
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
-            "summary": text}
+            "calibration": calibration, "summary": text}
+
+
+def holdout_band(shape, fraction: float, rng: np.random.Generator):
+    """A bool mask of a band across the longest axis of `shape`: `fraction` of its length
+    (at least one pixel) at a random position."""
+    axis = int(np.argmax(shape))
+    n = shape[axis]
+    width = min(max(1, int(round(fraction * n))), n - 1)
+    start = int(rng.integers(0, n - width + 1))
+    band = np.zeros(shape, bool)
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(start, start + width)
+    band[tuple(index)] = True
+    return band
+
+
+def calibration_split(config, labeled: Split):
+    """(supervised-loss masks of the labeled images or None, the Split the detector threshold
+    is calibrated on).
+
+    config.eval.calibrate_on 'train': the labeled images themselves (within their regions of
+    interest). 'holdout': a band of `eval.holdout` of each labeled image (within its region of
+    interest) is left out of the supervised loss and the threshold is chosen there, on pixels
+    the network has not fitted."""
+    ev = config.eval
+    how = ev.get("calibrate_on", "train")
+    if how == "train":
+        return labeled.rois, labeled
+    if how != "holdout":
+        raise InputError(f"config.eval.calibrate_on must be 'train' or 'holdout', got {how!r}")
+    fraction = float(ev.get("holdout", 0.25))
+    if not 0 < fraction < 1:
+        raise InputError(f"config.eval.holdout must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng([int(config.seed), 7])
+    masks, held = [], []
+    for i, d in enumerate(labeled.dots):
+        shape = labeled.images[i].shape[:-1]
+        band = holdout_band(shape, fraction, rng)
+        roi = labeled.roi(i)
+        roi = np.ones(shape, bool) if roi is None else roi
+        if not (roi & ~band).any() or not (roi & band).any():
+            raise InputError(f"{labeled.names[i]}: its region of interest does not reach both "
+                             f"sides of the held-out band; use config.eval.calibrate_on='train'")
+        masks.append(roi & ~band)
+        held.append(roi & band)
+    return masks, Split(labeled.images, labeled.dots, labeled.names, held)

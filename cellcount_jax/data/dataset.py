@@ -53,13 +53,19 @@ def make_targets(images, dots, kind: str, scale: float, spacing=None, sigma: flo
     return out
 
 
-def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rotate: bool):
+def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rotate: bool,
+             anchor: Optional[Sequence[int]] = None):
     """The same random crop, flips of every spatial axis and rot90 (k in {0, 1}, in the last
-    two spatial axes: with the flips, all 8 symmetries of the square) on every array."""
+    two spatial axes: with the flips, all 8 symmetries of the square) on every array. With an
+    `anchor` pixel the crop contains it (uniformly among the crops that do)."""
     shape = arrays[0].shape[:ndim]
     if any(c > s for c, s in zip(crop, shape)):
         raise InputError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
-    start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop)]
+    if anchor is None:
+        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, crop)]
+    else:
+        start = [int(rng.integers(max(0, a - c + 1), min(a, s - c) + 1))
+                 for s, c, a in zip(shape, crop, anchor)]
     box = tuple(slice(a, a + c) for a, c in zip(start, crop))
     arrays = [a[box] for a in arrays]
     for axis in range(ndim):
@@ -103,6 +109,9 @@ class Dataset:
     two axes (needs isotropic spacing there). crop_fn: applied to each crop, the model's
     `Normaliser.crop` (the same function sees the whole image at inference). intensity: keyword
     ranges of `intensity_augment` applied to every crop before crop_fn (None: none).
+    masks: None, or per labeled image a bool mask of the pixels the supervised loss sees (None:
+    all of them); every labeled crop then contains at least one such pixel and the batch
+    carries the crops of the masks as 'mask'.
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
@@ -112,6 +121,12 @@ class Dataset:
     crop_fn: Optional[Callable] = None
     intensity: Optional[dict] = None
     names: Optional[List[str]] = None
+    masks: Optional[List[Optional[np.ndarray]]] = None
+
+    def __post_init__(self):
+        # Flat indices of each mask's pixels, to draw crop anchors from.
+        self._inside = None if self.masks is None else [
+            None if m is None else np.flatnonzero(m) for m in self.masks]
 
     @property
     def ndim(self):
@@ -122,12 +137,23 @@ class Dataset:
         """One training batch: {'image', 'target'[, 'unlabeled']} of fixed shapes."""
         if not self.images:
             raise InputError("the labeled pool is empty")
-        x, y = [], []
+        x, y, w = [], [], []
         for i in rng.integers(len(self.images), size=batch):
-            a, t = _augment(rng, [self.images[i], self.targets[i]], self.ndim, crop, self.rotate)
-            x.append(self._finish(rng, a))
-            y.append(t)
+            arrays, anchor = [self.images[i], self.targets[i]], None
+            if self.masks is not None:
+                m = self.masks[i]
+                arrays.append(np.ones(self.targets[i].shape, bool) if m is None else m)
+                if m is not None:
+                    flat = self._inside[i][rng.integers(len(self._inside[i]))]
+                    anchor = np.unravel_index(flat, m.shape)
+            arrays = _augment(rng, arrays, self.ndim, crop, self.rotate, anchor)
+            x.append(self._finish(rng, arrays[0]))
+            y.append(arrays[1])
+            if self.masks is not None:
+                w.append(arrays[2].astype(np.float32))
         out = {"image": np.stack(x), "target": np.stack(y)}
+        if w:
+            out["mask"] = np.stack(w)
         if unlabeled_batch:
             if not self.unlabeled:
                 raise InputError("unlabeled_batch > 0 but the unlabeled pool is empty")

@@ -127,3 +127,43 @@ def list_images(folder: str):
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: not a folder")
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def read_roi(path: str, shape):
+    """The annotated region of an image of spatial `shape` as a bool mask.
+
+    `<stem>.csv`: boxes, one per row, header `y0,x0,y1,x1` (3D: `z0,y0,x0,z1,y1,x1`), pixel
+    ranges start inclusive, end exclusive; the region is their union. `<stem>.tif|.tiff|.png`:
+    a mask, nonzero inside.
+    """
+    ndim = len(shape)
+    if path.lower().endswith(".csv"):
+        axes = ["z", "y", "x"][3 - ndim:]
+        wanted = [f"{a}0" for a in axes] + [f"{a}1" for a in axes]
+        try:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        except OSError as e:
+            raise InputError(f"{path}: cannot read the region of interest ({e})") from e
+        names = [h.strip().lower() for h in rows[0]] if rows else []
+        if not all(w in names for w in wanted):
+            raise InputError(f"{path}: a box file needs the header {','.join(wanted)}, got {names}")
+        mask = np.zeros(shape, bool)
+        for r in rows[1:]:
+            try:
+                b = [int(round(float(r[names.index(w)]))) for w in wanted]
+            except (ValueError, IndexError) as e:
+                raise InputError(f"{path}: bad number in a box ({e})") from e
+            lo, hi = np.clip(b[:ndim], 0, shape), np.clip(b[ndim:], 0, shape)
+            if np.any(hi <= lo):
+                raise InputError(f"{path}: box {b} is empty inside an image of shape "
+                                 f"{tuple(shape)}")
+            mask[tuple(slice(a, z) for a, z in zip(lo, hi))] = True
+    else:
+        mask = read_image(path, ndim)[..., 0] != 0
+        if mask.shape != tuple(shape):
+            raise InputError(f"{path}: region mask shape {mask.shape} differs from the image "
+                             f"shape {tuple(shape)}")
+    if not mask.any():
+        raise InputError(f"{path}: the region of interest is empty")
+    return mask
