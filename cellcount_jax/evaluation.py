@@ -6,8 +6,10 @@ Two count readouts:
   training images); the count is the number of detections;
 - integration: sum of the density divided by the mean target mass per dot measured on the
   labeled training targets (for Gaussian maps this is ~target_scale, the classic readout).
-The detection threshold is the candidate with the best F1 on the labeled training images
-(`calibrate_record`, stored in the model folder), never chosen on the test set. The same
+The detection threshold is the candidate with the best F1 on the labeled training images, or
+on held-out bands of them (`eval.calibrate_on`; `calibrate_record`, stored in the model
+folder), never chosen on the test set. Where images have regions of interest, only the dots
+and detections inside them count. The same
 protocol applied to the image itself (channel mean) gives the `raw_threshold` baseline,
 which shows what the network adds.
 """
