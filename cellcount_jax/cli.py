@@ -1,9 +1,11 @@
 """The `cellcount` command (and `launch.py`): train, evaluate, predict.
 
     cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR [--roi=DIR]
-                    [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]] [--config.<block>.<field>=VALUE ...]
+                    [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
+                    [--config.<block>.<field>=VALUE ...]
     cellcount evaluate --workdir=DIR
-    cellcount predict --model=DIR --input=FILE|DIR [--output=DIR] [--annotations=FILE|DIR]
+    cellcount predict --model=DIR --input=FILE|DIR [--output=DIR] [--annotations=FILE|DIR
+                      [--roi=FILE|DIR]]
 
 A config is a shipped one by name (`quickstart`, `vgg2d_cpu`, ...: the files of `configs/`)
 or a path to a Python file with `get_config()`. A model is a model folder (a training
@@ -87,7 +89,9 @@ def define_flags():
     flags.DEFINE_string("dots", None, "train: a folder of <image stem>.csv dot files or masks.")
     flags.DEFINE_string("roi", None, "train: a folder of regions of interest of partly dotted "
                         "images (<stem>.csv boxes y0,x0,y1,x1 or <stem>.tif masks); the "
-                        "supervised loss sees only those regions.")
+                        "supervised loss sees only those regions. predict: regions of the "
+                        "--annotations (a folder, or one file for one --input file); the "
+                        "scores count only inside them.")
     flags.DEFINE_string("test-images", None, "train: a folder of held-out images.")
     flags.DEFINE_string("test-dots", None, "train: annotations of the held-out images.")
     flags.DEFINE_string("test-roi", None, "train: regions of interest of the held-out images.")
@@ -110,13 +114,18 @@ def _train_config():
         config.data.annotations = FLAGS.dots or ""
         config.data.test_images = FLAGS["test-images"].value or ""
         config.data.test_annotations = FLAGS["test-dots"].value or ""
-        config.data.roi = FLAGS.roi or ""
-        config.data.test_roi = FLAGS["test-roi"].value or ""
+        # Set only when given: a config file of the user's may predate these fields.
+        if FLAGS.roi:
+            config.data.roi = FLAGS.roi
+        if FLAGS["test-roi"].value:
+            config.data.test_roi = FLAGS["test-roi"].value
     elif any(FLAGS[k].value for k in ("dots", "roi", "test-images", "test-dots", "test-roi")):
         raise InputError("--dots, --roi, --test-images, --test-dots and --test-roi go with "
                          "--images")
     if FLAGS["test-images"].value and not FLAGS["test-dots"].value:
         raise InputError("--test-images needs --test-dots (the held-out images' annotations)")
+    if FLAGS["test-roi"].value and not FLAGS["test-images"].value:
+        raise InputError("--test-roi goes with --test-images")
     return config
 
 
@@ -139,7 +148,7 @@ def run(command: str):
     if not FLAGS.input:
         raise InputError("predict needs --input (a folder or an image file)")
     return predict.predict_folder(model_path(model), FLAGS.input, FLAGS.output,
-                                  FLAGS.annotations)
+                                  FLAGS.annotations, FLAGS.roi or "")
 
 
 def _fail(message: str):

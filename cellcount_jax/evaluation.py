@@ -7,7 +7,7 @@ Two count readouts:
 - integration: sum of the density divided by the mean target mass per dot measured on the
   labeled training targets (for Gaussian maps this is ~target_scale, the classic readout).
 The detection threshold is the candidate with the best F1 on the labeled training images, or
-on held-out bands of them (`eval.calibrate_on`; `calibrate_record`, stored in the model
+on held-out bands of them (`data.holdout`; `calibrate_record`, stored in the model
 folder), never chosen on the test set. Where images have regions of interest, only the dots
 and detections inside them count. The same
 protocol applied to the image itself (channel mean) gives the `raw_threshold` baseline,
@@ -22,22 +22,14 @@ from cellcount_jax import metrics, postprocess
 from cellcount_jax.model_folder import write_json
 
 
-def inside(points, roi):
-    """The points (n, ndim) whose nearest pixel lies in the bool mask `roi` (None: all)."""
-    points = np.asarray(points)
-    if roi is None or len(points) == 0:
-        return points
-    idx = np.clip(np.round(points).astype(int), 0, np.array(roi.shape) - 1)
-    return points[roi[tuple(idx.T)]]
-
-
 def _within(maps, dots, rois):
     """Dots restricted to their regions of interest, and a detector of maps that keeps only
     the detections there."""
     rois = rois or [None] * len(maps)
-    dots = [inside(d, r) for d, r in zip(dots, rois)]
-    return dots, lambda det, t, min_size: [inside(postprocess.detect_with(m, t, det, min_size), r)
-                                           for m, r in zip(maps, rois)]
+    dots = [postprocess.inside(d, r) for d, r in zip(dots, rois)]
+    return dots, lambda det, t, min_size: [
+        postprocess.inside(postprocess.detect_with(m, t, det, min_size), r)
+        for m, r in zip(maps, rois)]
 
 
 def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
@@ -98,7 +90,7 @@ def calibrate_record(config, predictor, splits):
     candidates = peak * np.asarray(ev.threshold_fractions)
     detector, thr = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
                               ev.detector, ev.min_size, cal.rois)
-    held_out = ev.get("calibrate_on", "train") == "holdout"
+    held_out = bool(config.data.get("holdout", 0.0))
     predictor.record["detector"] = {
         "name": detector, "threshold": thr, "min_size": int(ev.min_size),
         "radius": float(ev.radius),
@@ -112,7 +104,8 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     precision, recall, f1 at `eval.radius`, `by_radius` for `eval.extra_radii`.
 
     With `workdir`: eval.json (summary), eval_per_image.csv and eval_detections.csv (every
-    detection of every test image, pixel and physical coordinates).
+    detection of every test image, inside its region of interest where it has one; pixel and
+    physical coordinates).
     """
     ev = config.eval
     spacing = splits["spacing"]

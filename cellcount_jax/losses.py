@@ -14,6 +14,7 @@ several devices give the same update as one.
 `'package.module:function'` for a function defined anywhere else.
 """
 import importlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,13 @@ def focal_consistency(student, teacher, *, axis_name=None, peaks: str = "referen
 def consistency_mse(student, teacher, *, axis_name=None):
     """Plain mean squared consistency (no focal weighting), for ablations."""
     return jnp.mean((student - teacher) ** 2)
+
+
+def takes_mask(fn) -> bool:
+    """Whether a supervised loss accepts `mask=` (and `axis_name=`)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.kind == p.VAR_KEYWORD for p in params) or {"mask", "axis_name"} <= {
+        p.name for p in params}
 
 
 def get(name: str):

@@ -68,12 +68,16 @@ def _flatten(d, prefix=""):
 
 
 def config_differences(old: dict, new: dict, blocks=RESUME_BLOCKS):
-    """'key: old -> new' for every field of `blocks` that differs between two configs."""
-    a = _flatten({b: old.get(b, {}) for b in blocks})
-    b = _flatten({k: new.get(k, {}) for k in blocks})
+    """'key: old -> new' for every field of `blocks` that differs between two configs. A field
+    one config lacks equals an off value ('', (), None, 0, False) in the other: fields added
+    to the configs later (off by default) keep older runs resumable."""
+    a, b = _flatten(old), _flatten(new)
+    keys = {k for k in set(a) | set(b) if k.split(".")[0] in blocks}
     missing = object()
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    empty = lambda v: v is missing or v in ("", [], None, 0)  # noqa: E731
+    diff = [k for k in sorted(keys) if a.get(k, missing) != b.get(k, missing)
+            and not (empty(a.get(k, missing)) and empty(b.get(k, missing)))]
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in diff]
 
 
 def config_to_dict(config) -> dict:

@@ -51,3 +51,12 @@ def detect_with(density: np.ndarray, threshold: float, detector: str = "componen
         return local_maxima(density, threshold)
     raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
                      f"got {detector!r}")
+
+
+def inside(points, roi):
+    """The points (n, ndim) whose nearest pixel lies in the bool mask `roi` (None: all)."""
+    points = np.asarray(points)
+    if roi is None or len(points) == 0:
+        return points
+    idx = np.clip(np.round(points).astype(int), 0, np.array(roi.shape) - 1)
+    return points[roi[tuple(idx.T)]]

@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw
 
-from cellcount_jax import metrics, model_folder
+from cellcount_jax import metrics, model_folder, postprocess
 from cellcount_jax.data import Split, io, read_annotation, read_folder
 from cellcount_jax.errors import InputError
 
@@ -61,31 +61,37 @@ def overlay(image, detections, truth=None, scale: int = 2):
     return np.concatenate([rgb, np.asarray(legend)], 0)
 
 
-def read_inputs(inputs: str, ndim: int, annotations: str = ""):
-    """A Split of a folder of images or of one image file, with optional annotations."""
+def read_inputs(inputs: str, ndim: int, annotations: str = "", roi: str = ""):
+    """A Split of a folder of images or of one image file, with optional annotations and
+    regions of interest (folders, or files for one image)."""
+    if roi and not annotations:
+        raise InputError("--roi needs --annotations (the region is where the dots are complete)")
     if os.path.isdir(inputs):
-        return read_folder(inputs, annotations, ndim)
+        return read_folder(inputs, annotations, ndim, roi_dir=roi)
     if os.path.isfile(inputs):
         image = io.read_image(inputs, ndim)
         dots = read_annotation(annotations, image.shape[:-1], inputs) if annotations else None
-        return Split([image], [dots], [os.path.splitext(os.path.basename(inputs))[0]])
+        rois = [io.read_roi(roi, image.shape[:-1])] if roi else None
+        return Split([image], [dots], [os.path.splitext(os.path.basename(inputs))[0]], rois)
     raise InputError(f"--input {inputs!r} is neither a folder nor a file")
 
 
-def predict_paths(predictor, inputs: str, output: str, annotations: str = ""):
+def predict_paths(predictor, inputs: str, output: str, annotations: str = "", roi: str = ""):
     """Runs `predictor` on `inputs` (a folder or one PNG/TIFF file), writes to `output`,
     prints one line per image and returns the rows of counts.csv.
 
     annotations: for a folder, a folder of `<stem>.csv` / mask files; for one file, its dot
-    CSV or mask file. Optional: with it, overlays show the truth and counts.csv scores."""
-    split = read_inputs(inputs, predictor.ndim, annotations)
+    CSV or mask file. Optional: with it, overlays show the truth and counts.csv scores.
+    roi: regions of interest of partly dotted annotations (`io.read_roi`, a folder or a file
+    like `annotations`): the scores count the dots and detections inside them only."""
+    split = read_inputs(inputs, predictor.ndim, annotations, roi)
     os.makedirs(output, exist_ok=True)
     spacing = predictor.spacing
     radius = predictor.record["detector"]["radius"] if predictor.calibrated else None
     counts = []
     print(f"{'image':<24}{'detections':>11}{'integration':>12}" +
           (f"{'true':>6}{'TP':>6}{'FP':>6}{'FN':>6}" if annotations else ""), flush=True)
-    for image, dots, name in zip(split.images, split.dots, split.names):
+    for i, (image, dots, name) in enumerate(zip(split.images, split.dots, split.names)):
         density = predictor.density(image)
         det = predictor.detections_of(density)
         io.write_dots_csv(os.path.join(output, f"{name}_detections.csv"), det.pixels, spacing,
@@ -98,7 +104,9 @@ def predict_paths(predictor, inputs: str, output: str, annotations: str = ""):
                "count_integration": round(det.count_integration, 2)}
         line = f"{name:<24}{len(det):>11d}{det.count_integration:>12.1f}"
         if dots is not None:
-            tp, fp, fn = metrics.match(det.pixels, dots, radius, spacing)
+            dots = postprocess.inside(dots, split.roi(i))
+            tp, fp, fn = metrics.match(postprocess.inside(det.pixels, split.roi(i)), dots, radius,
+                                       spacing)
             row.update(true_count=len(dots), tp=tp, fp=fp, fn=fn)
             line += f"{len(dots):>6d}{tp:>6d}{fp:>6d}{fn:>6d}"
         print(line, flush=True)
@@ -114,6 +122,6 @@ def predict_paths(predictor, inputs: str, output: str, annotations: str = ""):
     return counts
 
 
-def predict_folder(workdir: str, inputs: str, output: str, annotations: str = ""):
+def predict_folder(workdir: str, inputs: str, output: str, annotations: str = "", roi: str = ""):
     """`cellcount predict`: the model folder `workdir` on `inputs`."""
-    return predict_paths(model_folder.load_model(workdir), inputs, output, annotations)
+    return predict_paths(model_folder.load_model(workdir), inputs, output, annotations, roi)

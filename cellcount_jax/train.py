@@ -58,6 +58,7 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
     draws the same numbers.
     """
     supervised = losses.get(config.loss.supervised)
+    takes_mask = losses.takes_mask(supervised)
     consistency = losses.get(config.loss.consistency)
     consistency_options = dict(config.loss.consistency_options)
     ssl = config.ssl
@@ -89,6 +90,10 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
                                               ssl.noise_at)
             out = model.apply({"params": params}, feats, method=models.SAUNet.decode)
             if "mask" in batch:
+                if not takes_mask:
+                    raise InputError(f"the supervised loss {config.loss.supervised!r} takes no "
+                                     f"mask= argument, which regions of interest and "
+                                     f"config.data.holdout need (see cellcount_jax.losses)")
                 sup = supervised(out[:n_labeled], y, mask=batch["mask"], axis_name=axis_name)
             else:
                 sup = supervised(out[:n_labeled], y)
@@ -359,8 +364,7 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     """Chooses the detector and threshold on the labeled images, stores them in the model
     folder and scores the held-out split (if any). Returns the summary (or None)."""
     n = len(splits["train"].images)
-    where = ("held-out bands of the" if config.eval.get("calibrate_on", "train") == "holdout"
-             else "the")
+    where = "held-out bands of the" if config.data.get("holdout", 0.0) else "the"
     log(f"calibrating the detector and threshold on {where} {n} labeled training images")
     evaluation.calibrate_record(config, predictor, splits)
     d = predictor.record["detector"]

@@ -44,6 +44,8 @@ def get_config():
     c.data.test_annotations = ""
     c.data.roi = ""                  # regions of interest of partly dotted images: a folder of
     c.data.test_roi = ""             # <stem>.csv boxes (y0,x0,y1,x1) or <stem>.tif masks
+    c.data.holdout = 0.0             # > 0: this fraction of each labeled image (a band) is left
+                                     # out of the supervised loss to calibrate the detector on
 
     # Intensity augmentation of every training crop, in units of the crop's own spread
     # (data.dataset.intensity_augment); 0 leaves a change out.
@@ -97,8 +99,6 @@ def get_config():
     c.eval.detector = "auto"        # 'components', 'peaks' (local maxima), or 'auto': the
                                     # better of the two on the labeled training images
     c.eval.min_size = 1
-    c.eval.calibrate_on = "train"   # 'holdout': choose the threshold on a band of each labeled
-    c.eval.holdout = 0.25           # image (this fraction) left out of the supervised loss
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
     return c

@@ -104,42 +104,70 @@ def test_the_step_ignores_targets_outside_the_mask():
     assert max(jax.tree.leaves(diff)) > 1e-3
 
 
+def plain_loss(pred, target):
+    return jnp.mean((pred - target) ** 2)
+
+
+def test_a_loss_without_mask_argument_is_refused_when_masks_exist():
+    c = tiny_config()
+    c.loss.supervised = "test_roi:plain_loss"
+    one_step(c, random_batch(0))  # fine without regions
+    batch = dict(random_batch(0), mask=np.ones((2, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="test_roi:plain_loss.*takes no mask"):
+        one_step(c, batch)
+
+
 def test_crops_reach_the_region_and_carry_its_mask():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(40, 40, 1)).astype(np.float32)
     roi = np.zeros((40, 40), bool)
     roi[30:33, 2:5] = True   # a small corner region: a uniform crop would mostly miss it
-    ds = Dataset([image, image], [np.zeros((0, 2))] * 2, [np.zeros((40, 40), np.float32)] * 2,
-                 masks=[roi, None], rotate=False)
+    # The target is the region itself: the mask must come out of every crop, flip and rot90
+    # aligned with it.
+    ds = Dataset([image, image], [np.zeros((0, 2))] * 2, [roi.astype(np.float32)] * 2,
+                 masks=[roi, None], rotate=True)
     hits = []
     for seed in range(200):
         b = ds.sample(np.random.default_rng(seed), (12, 12), 2)
         assert b["mask"].shape == (2, 12, 12) and b["mask"].dtype == np.float32
-        for crop, m in zip(b["image"], b["mask"]):
-            # The crop of the whole-image mask is all ones; the other reaches the region.
-            assert m.all() or 0 < m.sum() <= 9
-            hits.append(m.all())
+        for t, m in zip(b["target"], b["mask"]):
+            # The crop of the image without a region is all ones; the other reaches the region.
+            if m.all():
+                hits.append(True)
+            else:
+                assert 0 < m.sum() <= 9 and (m == t).all()
+                hits.append(False)
     assert 0.3 < np.mean(hits) < 0.7
 
 
 def test_holdout_bands_split_each_region_in_two():
     c = tiny_config()
-    c.eval.calibrate_on = "holdout"
-    c.eval.holdout = 0.25
+    c.data.holdout = 0.25
     images = [np.zeros((32, 48, 1), np.float32), np.zeros((40, 20, 1), np.float32)]
     roi = np.zeros((40, 20), bool)
     roi[5:35] = True
     labeled = Split(images, [np.zeros((0, 2))] * 2, ["a", "b"], [None, roi])
-    masks, cal = data.calibration_split(c, labeled)
+    with pytest.warns(UserWarning, match="hold only 0 dots"):
+        masks, cal = data.calibration_split(c, labeled)
     for m, h, r in zip(masks, cal.rois, [np.ones((32, 48), bool), roi]):
         assert not (m & h).any() and ((m | h) == r).all()
-    # a band across the longest axis, a quarter of its length
+    # a band across the longest side of the region's bounding box, a quarter of it
     assert cal.rois[0].any(0).sum() == 12 and cal.rois[0].any(1).all()
-    assert cal.rois[1].any(1).sum() <= 10 and cal.rois[1].any(0).all()
-    c.eval.calibrate_on = "train"
+    assert cal.rois[1].any(1).sum() == round(0.25 * 30) and cal.rois[1].any(0).all()
+    # A narrow region far from the image's centre is split too, whatever the seed.
+    narrow = np.zeros((64, 64), bool)
+    narrow[:, 50:60] = True
+    dots = np.stack([np.arange(2, 64, 4), np.full(16, 55)], 1).astype(np.float32)
+    for seed in range(20):
+        c.seed = seed
+        with pytest.warns(UserWarning, match="hold only 4 dots"):
+            masks, cal = data.calibration_split(
+                c, Split([np.zeros((64, 64, 1), np.float32)], [dots], ["n"], [narrow]))
+        assert masks[0].sum() == 48 * 10 and cal.rois[0].sum() == 16 * 10
+    c.data.holdout = 0.0
     assert data.calibration_split(c, labeled) == (labeled.rois, labeled)
-    c.eval.calibrate_on = "test"
-    with pytest.raises(ValueError, match="calibrate_on"):
+    c.data.holdout = 1.5
+    with pytest.raises(ValueError, match="data.holdout"):
         data.calibration_split(c, labeled)
 
 
@@ -164,20 +192,36 @@ def test_scores_count_only_inside_the_region():
         ("peaks", 2.0)
 
 
+@pytest.mark.slow
 def test_training_with_regions_of_interest(tmp_path):
-    """A folder run with --roi: the summary reports the regions, and calibration and test
-    scores see only the dotted region."""
+    """A folder run with --roi, --test-roi and a held-out calibration band: the summary and
+    the log say so, the record names the band, and test scores count only the test region."""
+    import json
+    import shutil
     import subprocess
     import sys
-    _folder(tmp_path)
+    cells = _folder(tmp_path)
+    os.makedirs(tmp_path / "test_dots")
+    os.makedirs(tmp_path / "test_roi")
+    shutil.copytree(tmp_path / "imgs", tmp_path / "test")
+    for name in ("im0", "im1"):  # every cell dotted; im0 scored in its left half only
+        (tmp_path / "test_dots" / f"{name}.csv").write_text(
+            "y,x\n" + "".join(f"{y},{x}\n" for y, x in cells))
+    shutil.copy(tmp_path / "roi" / "im0.csv", tmp_path / "test_roi" / "im0.csv")
     cellcount = os.path.join(os.path.dirname(sys.executable), "cellcount")
     out = subprocess.run(
         [cellcount, "train", f"--images={tmp_path / 'imgs'}", f"--dots={tmp_path / 'dots'}",
-         f"--roi={tmp_path / 'roi'}", "--workdir=wd", "--config.model.features=4",
-         "--config.train.crop=(16,16)", "--config.train.steps=4", "--config.train.batch=2",
-         "--config.train.log_every=2", "--config.eval.calibrate_on=holdout"],
+         f"--roi={tmp_path / 'roi'}", f"--test-images={tmp_path / 'test'}",
+         f"--test-dots={tmp_path / 'test_dots'}", f"--test-roi={tmp_path / 'test_roi'}",
+         "--workdir=wd", "--config.model.features=4", "--config.train.crop=(16,16)",
+         "--config.train.steps=4", "--config.train.batch=2", "--config.train.log_every=2",
+         "--config.data.holdout=0.25"],
         capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "regions of interest: 1 of 2 labeled images" in out.stdout
     assert "calibration on held-out bands (25 % of each labeled image" in out.stdout
     assert "held-out bands of the 2 labeled training images" in out.stdout
+    record = json.load(open(tmp_path / "wd" / "inference.json"))
+    assert record["detector"]["calibrated_on"] == "held-out bands of 2 labeled training images"
+    scores = json.load(open(tmp_path / "wd" / "eval.json"))["model"]
+    assert scores["true_count_mean"] == (2 + 4) / 2

@@ -18,6 +18,7 @@ from cellcount_jax.data.dataset import Dataset, check_dots, make_targets, pad_do
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
 from cellcount_jax.errors import InputError
 from cellcount_jax.normalise import Normaliser
+from cellcount_jax.postprocess import inside
 
 
 @dataclasses.dataclass
@@ -139,9 +140,9 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None,
         image = io.read_image(path, ndim, channels)
         d = read_annotation(ann[stem], image.shape[:-1], path) if stem in ann else None
         r = io.read_roi(roi[stem], image.shape[:-1]) if stem in roi else None
-        inside = d if r is None or d is None else d[r[tuple(np.round(d).astype(int).T)]]
-        if inside is not None and len(inside) >= 3:
-            rank = dot_intensity_rank(image, inside)
+        dotted = None if d is None else inside(d, r)
+        if dotted is not None and len(dotted) >= 3:
+            rank = dot_intensity_rank(image, dotted)
             if 0.3 < rank < 0.7:
                 warnings.warn(f"{ann[stem]}: its dots sit mostly on background of {path} (the "
                               f"image at the dots is no brighter or darker than a typical pixel: "
@@ -253,7 +254,7 @@ def load(config):
         n = sum(r is not None for r in labeled.rois)
         text += f"\n  regions of interest: {n} of {len(labeled.rois)} labeled images"
     if masks is not labeled.rois:
-        text += (f"\n  calibration on held-out bands ({100 * config.eval.holdout:g} % of each "
+        text += (f"\n  calibration on held-out bands ({100 * cfg.holdout:g} % of each "
                  f"labeled image, left out of the supervised loss)")
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
@@ -263,15 +264,18 @@ def load(config):
             "calibration": calibration, "summary": text}
 
 
-def holdout_band(shape, fraction: float, rng: np.random.Generator):
-    """A bool mask of a band across the longest axis of `shape`: `fraction` of its length
-    (at least one pixel) at a random position."""
-    axis = int(np.argmax(shape))
-    n = shape[axis]
+def holdout_band(roi: np.ndarray, fraction: float, rng: np.random.Generator):
+    """A bool mask of a band across the longest side of the bounding box of `roi`: `fraction`
+    of that side (at least one pixel, never all of it) at a random position within the box."""
+    # the box's extent along each axis: the indices where any pixel of the region lies
+    extent = [np.flatnonzero(roi.any(axis=tuple(a for a in range(roi.ndim) if a != ax)))
+              for ax in range(roi.ndim)]
+    axis = int(np.argmax([e[-1] - e[0] for e in extent]))
+    lo, n = int(extent[axis][0]), int(extent[axis][-1] - extent[axis][0] + 1)
     width = min(max(1, int(round(fraction * n))), n - 1)
-    start = int(rng.integers(0, n - width + 1))
-    band = np.zeros(shape, bool)
-    index = [slice(None)] * len(shape)
+    start = lo + int(rng.integers(0, n - width + 1))
+    band = np.zeros(roi.shape, bool)
+    index = [slice(None)] * roi.ndim
     index[axis] = slice(start, start + width)
     band[tuple(index)] = True
     return band
@@ -281,29 +285,32 @@ def calibration_split(config, labeled: Split):
     """(supervised-loss masks of the labeled images or None, the Split the detector threshold
     is calibrated on).
 
-    config.eval.calibrate_on 'train': the labeled images themselves (within their regions of
-    interest). 'holdout': a band of `eval.holdout` of each labeled image (within its region of
-    interest) is left out of the supervised loss and the threshold is chosen there, on pixels
-    the network has not fitted."""
-    ev = config.eval
-    how = ev.get("calibrate_on", "train")
-    if how == "train":
+    config.data.holdout 0: the labeled images themselves (within their regions of interest).
+    In (0, 1): a band of that fraction of each labeled image's region of interest is left out
+    of the supervised loss and the threshold is chosen there, on pixels the network has not
+    fitted."""
+    fraction = float(config.data.get("holdout", 0.0) or 0.0)
+    if fraction == 0:
         return labeled.rois, labeled
-    if how != "holdout":
-        raise InputError(f"config.eval.calibrate_on must be 'train' or 'holdout', got {how!r}")
-    fraction = float(ev.get("holdout", 0.25))
     if not 0 < fraction < 1:
-        raise InputError(f"config.eval.holdout must be in (0, 1), got {fraction}")
+        raise InputError(f"config.data.holdout must be in [0, 1), got {fraction}")
     rng = np.random.default_rng([int(config.seed), 7])
     masks, held = [], []
-    for i, d in enumerate(labeled.dots):
-        shape = labeled.images[i].shape[:-1]
-        band = holdout_band(shape, fraction, rng)
+    for i in range(len(labeled.images)):
         roi = labeled.roi(i)
-        roi = np.ones(shape, bool) if roi is None else roi
-        if not (roi & ~band).any() or not (roi & band).any():
-            raise InputError(f"{labeled.names[i]}: its region of interest does not reach both "
-                             f"sides of the held-out band; use config.eval.calibrate_on='train'")
+        roi = np.ones(labeled.images[i].shape[:-1], bool) if roi is None else roi
+        for _ in range(20):  # a region of several boxes may miss a band: draw again
+            band = holdout_band(roi, fraction, rng)
+            if (roi & ~band).any() and (roi & band).any():
+                break
+        else:
+            raise InputError(f"{labeled.names[i]}: no band of {fraction:g} of its region of "
+                             f"interest leaves pixels on both sides; set config.data.holdout=0")
         masks.append(roi & ~band)
         held.append(roi & band)
+    n = sum(len(inside(d, h)) for d, h in zip(labeled.dots, held))
+    if n < 10:
+        warnings.warn(f"the held-out calibration bands hold only {n} dots: the detector "
+                      f"threshold will be poorly determined; raise config.data.holdout",
+                      stacklevel=2)
     return masks, Split(labeled.images, labeled.dots, labeled.names, held)

@@ -110,8 +110,9 @@ class Dataset:
     `Normaliser.crop` (the same function sees the whole image at inference). intensity: keyword
     ranges of `intensity_augment` applied to every crop before crop_fn (None: none).
     masks: None, or per labeled image a bool mask of the pixels the supervised loss sees (None:
-    all of them); every labeled crop then contains at least one such pixel and the batch
-    carries the crops of the masks as 'mask'.
+    all of them); every labeled crop of a masked image then contains at least one such pixel
+    (drawn uniformly among the mask's pixels, so crops favour the region and its edges over a
+    uniform draw) and the batch carries the crops of the masks as 'mask'.
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
@@ -140,17 +141,17 @@ class Dataset:
         x, y, w = [], [], []
         for i in rng.integers(len(self.images), size=batch):
             arrays, anchor = [self.images[i], self.targets[i]], None
-            if self.masks is not None:
-                m = self.masks[i]
-                arrays.append(np.ones(self.targets[i].shape, bool) if m is None else m)
-                if m is not None:
-                    flat = self._inside[i][rng.integers(len(self._inside[i]))]
-                    anchor = np.unravel_index(flat, m.shape)
+            m = None if self.masks is None else self.masks[i]
+            if m is not None:
+                arrays.append(m)
+                flat = self._inside[i][rng.integers(len(self._inside[i]))]
+                anchor = np.unravel_index(flat, m.shape)
             arrays = _augment(rng, arrays, self.ndim, crop, self.rotate, anchor)
             x.append(self._finish(rng, arrays[0]))
             y.append(arrays[1])
             if self.masks is not None:
-                w.append(arrays[2].astype(np.float32))
+                w.append(np.ones(arrays[1].shape, np.float32) if m is None
+                         else arrays[2].astype(np.float32))
         out = {"image": np.stack(x), "target": np.stack(y)}
         if w:
             out["mask"] = np.stack(w)
