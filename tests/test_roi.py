@@ -42,7 +42,7 @@ def test_bad_boxes_name_the_file(tmp_path, text, message):
 
 
 def _folder(tmp_path):
-    """Two 32x32 images with 4 bright cells each, dotted only in the left half of im0."""
+    """Two 32x32 RGB images with 4 bright cells each, dotted only in the left half of im0."""
     os.makedirs(tmp_path / "imgs")
     os.makedirs(tmp_path / "dots")
     os.makedirs(tmp_path / "roi")
@@ -51,7 +51,7 @@ def _folder(tmp_path):
         a = np.zeros((32, 32), np.uint8)
         for y, x in cells:
             a[y - 2:y + 3, x - 2:x + 3] = 200
-        Image.fromarray(a).save(tmp_path / "imgs" / f"{name}.png")
+        Image.fromarray(np.stack([a] * 3, -1)).save(tmp_path / "imgs" / f"{name}.png")
     dotted = {"im0": [c for c in cells if c[1] < 16], "im1": cells}
     for name, d in dotted.items():
         (tmp_path / "dots" / f"{name}.csv").write_text("y,x\n" + "".join(f"{y},{x}\n" for y, x in d))
@@ -225,3 +225,28 @@ def test_training_with_regions_of_interest(tmp_path):
     assert record["detector"]["calibrated_on"] == "held-out bands of 2 labeled training images"
     scores = json.load(open(tmp_path / "wd" / "eval.json"))["model"]
     assert scores["true_count_mean"] == (2 + 4) / 2
+
+
+def test_resume_check_ignores_fields_added_later_while_off():
+    from cellcount_jax.model_folder import config_differences
+    old = {"data": {"source": "folder"}, "model": {}, "target": {}}
+    new = {"data": {"source": "folder", "roi": "", "test_roi": "", "holdout": 0.0},
+           "model": {}, "target": {}}
+    assert config_differences(old, new) == []
+    new["data"]["holdout"] = 0.25
+    assert config_differences(old, new) == ["data.holdout: '(absent)' -> 0.25"]
+
+
+def test_predict_scores_inside_the_region(tmp_path):
+    from cellcount_jax import load_model, predict
+    from conftest import ROOT
+    cells = _folder(tmp_path)
+    (tmp_path / "all.csv").write_text("y,x\n" + "".join(f"{y},{x}\n" for y, x in cells))
+    model = load_model(os.path.join(ROOT, "pretrained", "vgg2d_cpu"))
+    rows = [predict.predict_paths(model, str(tmp_path / "imgs" / "im0.png"), str(tmp_path / o),
+                                  str(tmp_path / "all.csv"), roi)
+            for o, roi in (("whole", ""), ("left", str(tmp_path / "roi" / "im0.csv")))]
+    assert rows[0][0]["true_count"] == 4 and rows[1][0]["true_count"] == 2
+    assert rows[1][0]["tp"] + rows[1][0]["fp"] <= rows[0][0]["tp"] + rows[0][0]["fp"]
+    with pytest.raises(ValueError, match="--roi needs --annotations"):
+        predict.read_inputs(str(tmp_path / "imgs"), 2, "", str(tmp_path / "roi"))
