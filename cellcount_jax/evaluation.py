@@ -22,43 +22,46 @@ from cellcount_jax import metrics, postprocess
 from cellcount_jax.model_folder import write_json
 
 
-def _within(maps, dots, rois):
+def _within(maps, dots, rois, spacing):
     """Dots restricted to their regions of interest, and a detector of maps that keeps only
     the detections there."""
     rois = rois or [None] * len(maps)
     dots = [postprocess.inside(d, r) for d, r in zip(dots, rois)]
-    return dots, lambda det, t, min_size: [
-        postprocess.inside(postprocess.detect_with(m, t, det, min_size), r)
+    return dots, lambda det, t, min_size, min_distance: [
+        postprocess.inside(postprocess.detect_with(m, t, det, min_size, min_distance, spacing), r)
         for m, r in zip(maps, rois)]
 
 
 def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
-              rois=None):
-    """(detector, threshold) with the best pooled F1 (then lowest MAE) on (maps, dots), within
-    `rois` (bool masks or None per map) where given.
+              rois=None, min_distances=(0.0,)):
+    """The detector {'name', 'threshold', 'min_distance'} with the best pooled F1 (then lowest
+    MAE) on (maps, dots), within `rois` (bool masks or None per map) where given.
 
-    detector 'auto' tries 'components' and 'peaks'; the data are the labeled training images
-    (or their held-out bands).
+    detector 'auto' tries 'components' and 'peaks'; 'peaks' is tried with each of
+    `min_distances` (physical units); the data are the labeled training images (or their
+    held-out bands).
     """
     best = None
-    dots, detect = _within(maps, dots, rois)
+    dots, detect = _within(maps, dots, rois, spacing)
     for det in (postprocess.DETECTORS if detector == "auto" else (detector,)):
-        for t in candidates:
-            preds = detect(det, t, min_size)
-            r = metrics.evaluate_points(preds, dots, radius, spacing)
-            key = (r["f1"], -r["mae"])
-            if best is None or key > best[0]:
-                best = (key, det, float(t))
-    return best[1], best[2]
+        for md in (min_distances if det == "peaks" else (0.0,)):
+            for t in candidates:
+                preds = detect(det, t, min_size, md)
+                r = metrics.evaluate_points(preds, dots, radius, spacing)
+                key = (r["f1"], -r["mae"])
+                if best is None or key > best[0]:
+                    best = (key, {"name": det, "threshold": float(t),
+                                  "min_distance": float(md)})
+    return best[1]
 
 
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
-          mass_per_dot=None, rois=None):
+          mass_per_dot=None, rois=None, min_distance=0.0):
     """Scores at each radius in `radii` (the first is the headline) plus per-image rows; with
     `rois`, of the dots and detections inside each image's region of interest (and the
     integration count of the map's mass there)."""
-    dots, detect = _within(maps, dots, rois)
-    preds = detect(detector, threshold, min_size)
+    dots, detect = _within(maps, dots, rois, spacing)
+    preds = detect(detector, threshold, min_size, min_distance)
     out = metrics.evaluate_points(preds, dots, radii[0], spacing)
     out["threshold"] = threshold
     out["by_radius"] = {str(r): metrics.evaluate_points(preds, dots, r, spacing) for r in radii}
@@ -77,6 +80,11 @@ def score(maps, dots, threshold, radii, spacing=None, detector="components", min
     return out, preds, rows
 
 
+def _min_distances(ev):
+    """The peak detector's minimum distances to try, in physical units."""
+    return float(ev.radius) * np.asarray(ev.get("min_distance_fractions", (0.0,)))
+
+
 def calibrate_record(config, predictor, splits):
     """Chooses the detector and threshold on splits['calibration'] (the labeled training
     images, or held-out bands of them: `data.calibration_split`) and stores them in
@@ -88,12 +96,11 @@ def calibrate_record(config, predictor, splits):
     maps = [predictor.density(im, normalised=True) for im in cal.images]
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
-    detector, thr = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
-                              ev.detector, ev.min_size, cal.rois)
+    detector = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
+                         ev.detector, ev.min_size, cal.rois, _min_distances(ev))
     held_out = bool(config.data.get("holdout", 0.0))
     predictor.record["detector"] = {
-        "name": detector, "threshold": thr, "min_size": int(ev.min_size),
-        "radius": float(ev.radius),
+        **detector, "min_size": int(ev.min_size), "radius": float(ev.radius),
         "calibrated_on": f"{'held-out bands of ' if held_out else ''}{len(cal.images)} labeled "
                          f"training images"}
 
@@ -115,7 +122,8 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     test_maps = [predictor.density(im, normalised=True) for im in test.images]
     mass = predictor.record["target"]["mass_per_dot"]
     model_scores, preds, rows = score(test_maps, test.dots, d["threshold"], radii, spacing,
-                                      d["name"], d["min_size"], mass, test.rois)
+                                      d["name"], d["min_size"], mass, test.rois,
+                                      d.get("min_distance", 0.0))
     model_scores["detector"] = d["name"]
     summary = {"model": model_scores}
     if baseline:
@@ -124,11 +132,12 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
         cal_raw = raw(cal.images)
         raw_candidates = np.quantile(np.concatenate([r.ravel() for r in cal_raw]),
                                      np.linspace(0.3, 0.995, 40))
-        raw_det, raw_thr = calibrate(cal_raw, cal.dots, raw_candidates, radii[0], spacing,
-                                     ev.detector, ev.min_size, cal.rois)
-        summary["raw_threshold"] = score(raw(test.images), test.dots, raw_thr, radii, spacing,
-                                         raw_det, ev.min_size, rois=test.rois)[0]
-        summary["raw_threshold"]["detector"] = raw_det
+        raw_det = calibrate(cal_raw, cal.dots, raw_candidates, radii[0], spacing,
+                            ev.detector, ev.min_size, cal.rois, _min_distances(ev))
+        summary["raw_threshold"] = score(raw(test.images), test.dots, raw_det["threshold"], radii,
+                                         spacing, raw_det["name"], ev.min_size, rois=test.rois,
+                                         min_distance=raw_det["min_distance"])[0]
+        summary["raw_threshold"]["detector"] = raw_det["name"]
     summary.update(num_test_images=len(test.images), radius=radii[0], detector=d["name"],
                    mass_per_dot=mass, step=predictor.step)
     if verbose:

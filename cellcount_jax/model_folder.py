@@ -209,7 +209,8 @@ class Predictor:
             raise InputError("the model has no calibrated detector yet (training did not finish "
                              "its calibration step); run `cellcount evaluate` on its folder")
         d = self.record["detector"]
-        pts = postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1))
+        pts = postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
+                                      d.get("min_distance", 0.0), self.spacing)
         at = density[tuple(np.clip(np.round(pts).astype(int), 0,
                                    np.array(density.shape) - 1).T)] if len(pts) else np.zeros(0)
         return Detections(pts, pts * np.asarray(self.spacing, np.float32),

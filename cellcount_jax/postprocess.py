@@ -25,11 +25,26 @@ def detect(density: np.ndarray, threshold: float, min_size: int = 1):
     return np.asarray(centres, np.float32).reshape(-1, density.ndim)
 
 
-def local_maxima(density: np.ndarray, threshold: float, size: int = 3):
-    """Local maxima (size^ndim neighbourhood) above `threshold`; a plateau of equal maxima
-    gives one detection at its centre. Returns (n, ndim) pixel coordinates."""
+def neighbourhood(ndim: int, min_distance: float = 0.0, spacing=None) -> np.ndarray:
+    """Bool footprint of the offsets within `min_distance` (physical units, per-axis
+    `spacing`) of the centre, always including the 3^ndim neighbours."""
+    spacing = np.ones(ndim) if spacing is None else np.asarray(spacing, np.float64)
+    half = np.maximum(1, np.floor(min_distance / spacing).astype(int))
+    offsets = np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij")
+    ball = sum((o * s) ** 2 for o, s in zip(offsets, spacing)) <= min_distance ** 2
+    return ball | np.all([np.abs(o) <= 1 for o in offsets], axis=0)
+
+
+def local_maxima(density: np.ndarray, threshold: float, min_distance: float = 0.0,
+                 spacing=None):
+    """Local maxima above `threshold`: pixels equal to the maximum of the density over their
+    `neighbourhood` (the 3^ndim neighbours, and every pixel within `min_distance` in physical
+    units). A plateau of equal maxima gives one detection at its centre. Returns (n, ndim)
+    pixel coordinates."""
     density = np.asarray(density, np.float64)
-    peaks = (ndimage.maximum_filter(density, size=size, mode="constant", cval=-np.inf) == density)
+    footprint = neighbourhood(density.ndim, min_distance, spacing)
+    peaks = ndimage.maximum_filter(density, footprint=footprint, mode="constant",
+                                   cval=-np.inf) == density
     peaks &= density > threshold
     labels, n = ndimage.label(peaks, structure=np.ones((3,) * density.ndim))
     if n == 0:
@@ -42,13 +57,13 @@ DETECTORS = ("components", "peaks")
 
 
 def detect_with(density: np.ndarray, threshold: float, detector: str = "components",
-                min_size: int = 1):
+                min_size: int = 1, min_distance: float = 0.0, spacing=None):
     """Detections (n, ndim) in pixels by `detector`: 'components' (`detect`) or 'peaks'
-    (`local_maxima`)."""
+    (`local_maxima` with `min_distance` in the units of `spacing`)."""
     if detector == "components":
         return detect(density, threshold, min_size)
     if detector == "peaks":
-        return local_maxima(density, threshold)
+        return local_maxima(density, threshold, min_distance, spacing)
     raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
                      f"got {detector!r}")
 

@@ -99,6 +99,9 @@ def get_config():
     c.eval.detector = "auto"        # 'components', 'peaks' (local maxima), or 'auto': the
                                     # better of the two on the labeled training images
     c.eval.min_size = 1
+    c.eval.min_distance_fractions = (0.0, 0.5, 1.0)  # 'peaks': minimum distance between peaks
+                                    # tried in calibration, in units of eval.radius (0: the
+                                    # 3^ndim neighbours only)
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
     return c

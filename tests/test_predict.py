@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 from PIL import Image
 
 from cellcount_jax import evaluation, postprocess
@@ -65,6 +66,39 @@ def test_local_maxima_by_hand():
     got = postprocess.local_maxima(d, 0.5)
     got = got[np.argsort(got[:, 0])]
     np.testing.assert_allclose(got, [[3, 3], [8, 8.5]])
+
+
+@pytest.mark.parametrize("min_distance,spacing", [(0.0, None), (2.5, None), (4.0, (2.0, 1.0, 1.0)),
+                                                  (3.0, (1.0, 0.5, 0.5))])
+def test_local_maxima_with_a_minimum_distance_match_brute_force(min_distance, spacing):
+    """A pixel is a peak iff no pixel within `min_distance` (physical units; at least the
+    3^ndim neighbours) is higher, checked pixel by pixel."""
+    rng = np.random.default_rng(1)
+    d = ndimage.gaussian_filter(rng.random((9, 14, 15)), 1.0)  # ties have probability 0
+    s = np.ones(3) if spacing is None else np.asarray(spacing)
+    pix = np.array(list(np.ndindex(d.shape)))
+    off = pix[:, None] - pix[None]                        # every pair of pixels
+    near = np.all(np.abs(off) <= 1, -1) | (np.sum((off * s) ** 2, -1) <= min_distance ** 2)
+    v = d.ravel()
+    higher_near = np.any(near & (v[None] > v[:, None]), axis=1)
+    expect = [tuple(p) for p in pix[(v > 0.45) & ~higher_near]]
+    got = postprocess.local_maxima(d, 0.45, min_distance, spacing)
+    assert len(expect) > 2
+    np.testing.assert_array_equal(sorted(map(tuple, got.astype(int))), sorted(expect))
+
+
+def test_calibration_chooses_a_minimum_distance_for_cells_with_two_bumps():
+    """Each cell's map has a second, lower bump 3 px from its peak: the 3x3 peaks count it
+    twice, a minimum distance of one radius (5) counts it once."""
+    d = np.zeros((40, 40))
+    dots = np.array([[8, 8], [8, 28], [28, 8], [28, 28]], np.float32)
+    for y, x in dots.astype(int):
+        d[y, x], d[y, x + 3] = 2.0, 1.5
+    chosen = evaluation.calibrate([d], [dots], [0.5, 1.0], 5.0, detector="auto",
+                                  min_distances=(0.0, 2.5, 5.0))
+    assert chosen == {"name": "peaks", "threshold": 0.5, "min_distance": 5.0}
+    r = evaluation.score([d], [dots], 0.5, [5.0], detector="peaks", min_distance=0.0)[0]
+    assert (r["tp"], r["fp"]) == (4, 4)
 
 
 def test_integration_readout_counts_gaussian_mass():

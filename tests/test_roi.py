@@ -187,9 +187,9 @@ def test_scores_count_only_inside_the_region():
     # Undotted cells outside the region would push the threshold above them.
     density[3, 3] = density[15, 3] = 3.0
     assert evaluation.calibrate([density], [dots], [0.5, 2.0], 2.0, detector="peaks",
-                                rois=[roi]) == ("peaks", 0.5)
-    assert evaluation.calibrate([density], [dots], [0.5, 2.0], 2.0, detector="peaks") == \
-        ("peaks", 2.0)
+                                rois=[roi])["threshold"] == 0.5
+    assert evaluation.calibrate([density], [dots], [0.5, 2.0], 2.0,
+                                detector="peaks")["threshold"] == 2.0
 
 
 @pytest.mark.slow
