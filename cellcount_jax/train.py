@@ -77,7 +77,8 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
             teacher_params = jax.lax.stop_gradient(state.get("teacher", params))
             teacher = jax.lax.stop_gradient(
                 model.apply({"params": teacher_params}, batch["unlabeled"], train=False))
-            w = optim.consistency_weight(state["step"], ssl.ramp_steps, ssl.ramp_shape)
+            w = ssl.get("weight", 1.0) * optim.consistency_weight(state["step"], ssl.ramp_steps,
+                                                                  ssl.ramp_shape)
             x = jnp.concatenate([x, batch["unlabeled"]], axis=0)
         else:
             w = jnp.zeros((), jnp.float32)

@@ -70,6 +70,7 @@ def get_config():
     c.ssl.enabled = True
     c.ssl.noise_rate = 1.0          # u ~ U(1 - r, 1 + r); reference r = 1
     c.ssl.noise_at = "all"          # 'all' (reference code) or 'bottleneck' (paper text)
+    c.ssl.weight = 1.0              # the consistency weight after the ramp (reference: 1)
     c.ssl.ramp_steps = 150
     c.ssl.ramp_shape = "exp"
     c.ssl.ema_decay = 0.0           # 0: the teacher is the current parameters (paper)

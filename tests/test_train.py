@@ -77,6 +77,16 @@ def test_supervised_only_step_has_no_consistency_term():
     assert int(new["step"]) == 1
 
 
+def test_consistency_weight_scales_the_term():
+    c = tiny_config()
+    c.ssl.ramp_shape = "constant"
+    c.ssl.weight = 30.0
+    _, _, _, m = one_step(c, random_batch(3))
+    assert float(m["w"]) == 30.0 and float(m["consistency"]) > 0
+    assert float(m["loss"]) == pytest.approx(float(m["supervised"]) + 30.0 * float(m["consistency"]),
+                                             rel=1e-5)
+
+
 def test_ema_teacher_tracks_parameters():
     c = tiny_config()
     c.ssl.ema_decay = 0.9
