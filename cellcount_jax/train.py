@@ -372,7 +372,7 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     lead = jax.process_index() == 0
     if lead:
         model_folder.write_record(workdir, predictor.record)
-    between = f", peaks at least {d['min_distance']:.3g} apart" if d["name"] == "peaks" else ""
+    between = f", peaks at least {d['min_distance']:.3g} apart" if d["min_distance"] else ""
     log(f"detector {d['name']}, threshold {d['threshold']:.4g}{between}, saved in "
         f"{workdir}/{model_folder.RECORD}")
     if splits["test"] is None:
