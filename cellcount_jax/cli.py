@@ -4,8 +4,9 @@
                     [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
                     [--config.<block>.<field>=VALUE ...]
     cellcount evaluate --workdir=DIR
-    cellcount predict --model=DIR --input=FILE|DIR [--output=DIR] [--annotations=FILE|DIR
-                      [--roi=FILE|DIR]]
+    cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
+                      [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
+                      [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
 
 A config is a shipped one by name (`quickstart`, `vgg2d_cpu`, ...: the files of `configs/`)
 or a path to a Python file with `get_config()`. A model is a model folder (a training
@@ -99,10 +100,24 @@ def define_flags():
                       "or target config differs from its config.json.")
     flags.DEFINE_string("model", None, "predict: a model folder (a training workdir) or a "
                         "shipped model (pretrained/vgg2d_cpu).")
-    flags.DEFINE_string("input", None, "predict: a folder of images or one PNG/TIFF file.")
+    flags.DEFINE_string("input", None, "predict: a folder of images, one PNG/TIFF/BigTIFF file, a "
+                        "zarr / OME-Zarr, or (3D models) a folder of 2D planes as one z-stack.")
     flags.DEFINE_string("output", "predictions", "predict: where results go.")
     flags.DEFINE_string("annotations", "", "predict: optional ground truth: a folder of dot "
                         "CSVs or masks, or one such file for a single --input file.")
+    flags.DEFINE_string("tile", None, "predict: voxels per axis that each tile owns (one "
+                        "number or one per axis, e.g. 64,256,256; default: the model's).")
+    flags.DEFINE_string("context", None, "predict: voxels of context the network sees around "
+                        "a tile on each side (default: the model's).")
+    flags.DEFINE_string("spacing", None, "predict: the input's voxel spacing (z,y,x) when it "
+                        "differs from the model's: resampled to the model's for the network.")
+    flags.DEFINE_enum("density", "tif", ["tif", "zarr", "none"], "predict: the density map as "
+                      "a (Big)TIFF, an OME-Zarr (needs '.[big]') or not at all.")
+    flags.DEFINE_integer("workers", 0, "predict: run the tiles on a local Dask cluster of this "
+                         "many worker processes (needs '.[big]').")
+    flags.DEFINE_string("scheduler", "", "predict: run the tiles on the Dask cluster of this "
+                        "scheduler address (tcp://host:port), e.g. one started by dask-jobqueue.")
+    flags.DEFINE_bool("progress", True, "predict: a progress bar (tiles, voxels/s, ETA).")
     flags.DEFINE_bool("verbose", False, "Show tracebacks of input errors.")
 
 
@@ -147,8 +162,25 @@ def run(command: str):
         raise InputError("predict needs --model (a model folder)")
     if not FLAGS.input:
         raise InputError("predict needs --input (a folder or an image file)")
-    return predict.predict_folder(model_path(model), FLAGS.input, FLAGS.output,
-                                  FLAGS.annotations, FLAGS.roi or "")
+    return predict.predict_folder(
+        model_path(model), FLAGS.input, FLAGS.output, FLAGS.annotations, FLAGS.roi or "",
+        workers=FLAGS.workers, scheduler=FLAGS.scheduler, tile=_numbers("tile", int),
+        context=_numbers("context", int), spacing=_numbers("spacing", float),
+        density=FLAGS.density, progress=FLAGS.progress)
+
+
+def _numbers(name, kind):
+    """A comma-separated flag as a tuple of numbers (None when not given)."""
+    text = FLAGS[name].value
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.strip("()[] ").split(",") if v.strip())
+    except ValueError as e:
+        raise InputError(f"--{name}={text}: expected comma-separated numbers") from e
+    if not values:
+        raise InputError(f"--{name}={text}: expected comma-separated numbers")
+    return values[0] if len(values) == 1 else values
 
 
 def _fail(message: str):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from cellcount_jax import checkpoints, convolutions, models, postprocess
+from cellcount_jax import checkpoints, convolutions, models, postprocess, tiling, volumes
 from cellcount_jax.errors import InputError
 from cellcount_jax.normalise import Normaliser
 
@@ -30,6 +30,9 @@ RECORD = "inference.json"
 FORMAT = 1
 # Config blocks that a resumed run must share with the run that wrote the checkpoints.
 RESUME_BLOCKS = ("model", "data", "target")
+# Default prediction tiles, in training crops per axis (`tiling_default`).
+TILE_CROPS = 2.0
+CONTEXT_CROPS = 0.5
 
 
 def version() -> str:
@@ -125,8 +128,24 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
         "target": {"kind": config.target.kind, "scale": float(config.target.scale),
                    "sigma": float(config.target.sigma), "mass_per_dot": float(mass_per_dot)},
         "train_crop": [int(c) for c in config.train.crop],
+        "tiling": _tiling_of(config),
         "detector": None,
     }
+
+
+def _tiling_of(config) -> dict:
+    """The config's `predict.tile` and `predict.context` in voxels (defaults where empty)."""
+    out = tiling_default(config.train.crop)
+    block = config.get("predict") or {}
+    ndim = len(config.train.crop)
+    for key in ("tile", "context"):
+        value = tuple(block.get(key) or ())
+        if value:
+            if len(value) not in (1, ndim) or any(int(v) < (key == "tile") for v in value):
+                raise InputError(f"config.predict.{key} must be {ndim} sizes in voxels "
+                                 f"(tile >= 1, context >= 0), got {value}")
+            out[key] = [int(v) for v in np.broadcast_to(value, (ndim,))]
+    return out
 
 
 def write_record(workdir: str, record: dict):
@@ -165,9 +184,10 @@ class Predictor:
     files, (*spatial[, channels]) in their own value range.
 
     model, params: the network; record: the inference record (`new_record`, calibrated for
-    `detect`). Images of any size: edges are reflect-padded to a multiple of 8 for the network
-    and cropped back. The whole image is one network input, so the bottleneck attention
-    sees all of it.
+    `detect`). Images of any size are predicted tile by tile (`tiling`): the network sees a
+    window of the tile size plus context, as large as the record's `tiling` says (an image
+    that fits in one tile is one network input); windows are reflect-padded to a multiple of 8
+    where the image is smaller than a window, and cropped back.
     """
 
     def __init__(self, model, params, record: dict, step: Optional[int] = None):
@@ -188,37 +208,75 @@ class Predictor:
                              f"{image.shape}")
         return image
 
-    def density(self, image, normalised: bool = False) -> np.ndarray:
-        """The density map (*spatial) of an image; `normalised`: the image has already been
-        through `Normaliser.image` (the training pipeline's test images)."""
-        image = self._as_image(image)
-        x = self.normaliser.crop(image if normalised else self.normaliser.image(image))
+    def network(self, x) -> np.ndarray:
+        """The density (*spatial) of one normalised network input (*spatial, C) of any size."""
         m = 2 ** (models.LEVELS - 1)
         spatial = x.shape[:-1]
         pad = [(0, -s % m) for s in spatial] + [(0, 0)]
         padded = np.pad(x, pad, mode="reflect" if min(spatial) > m else "edge")
         return np.asarray(self._fn(self.params, padded))[tuple(slice(0, s) for s in spatial)]
 
+    def tiling(self, tile=None, context=None):
+        """(tile, context) in voxels per axis: the given ones, else the record's, else the
+        default multiples of the training crop (`tiling_default`)."""
+        default = self.record.get("tiling") or tiling_default(self.record["train_crop"])
+        tile = default["tile"] if tile is None else tile
+        context = default["context"] if context is None else context
+        return (tuple(int(t) for t in np.broadcast_to(tile, (self.ndim,))),
+                tuple(int(c) for c in np.broadcast_to(context, (self.ndim,))))
+
+    def _tiles(self, image, normalised, detect, tile, context):
+        image = self._as_image(image)
+        volume = volumes.ArrayVolume(image.astype(np.float32, copy=False), self.ndim)
+        affine = self.normaliser.affine(image, normalised)
+        results = tiling.predict_tiles(self, volume, affine,
+                                       tiling.grid(volume.shape, *self.tiling(tile, context)),
+                                       detect=detect, keep_density=True)
+        return tiling.assemble(results, volume.shape)
+
+    def density(self, image, normalised: bool = False, tile=None, context=None) -> np.ndarray:
+        """The density map (*spatial) of an image; `normalised`: the image has already been
+        through `Normaliser.image` (the training pipeline's test images)."""
+        return self._tiles(image, normalised, False, tile, context)[0]
+
     @property
     def calibrated(self) -> bool:
         return bool(self.record.get("detector"))
 
-    def detections_of(self, density) -> Detections:
-        """Detections of a density map with the calibrated detector and threshold."""
+    def peaks(self, density) -> np.ndarray:
+        """Detections (n, ndim) in pixels of a density map with the calibrated detector."""
         if not self.calibrated:
             raise InputError("the model has no calibrated detector yet (training did not finish "
                              "its calibration step); run `cellcount evaluate` on its folder")
         d = self.record["detector"]
-        pts = postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
-                                      d.get("min_distance", 0.0), self.spacing)
+        return postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
+                                       d.get("min_distance", 0.0), self.spacing)
+
+    def detections(self, pixels, density_at, mass) -> Detections:
+        pixels = np.asarray(pixels, np.float32).reshape(-1, self.ndim)
+        return Detections(pixels, pixels * np.asarray(self.spacing, np.float32),
+                          np.asarray(density_at, np.float32),
+                          float(mass / self.record["target"]["mass_per_dot"]))
+
+    def detections_of(self, density) -> Detections:
+        """Detections of a whole density map with the calibrated detector and threshold."""
+        pts = self.peaks(density)
         at = density[tuple(np.clip(np.round(pts).astype(int), 0,
                                    np.array(density.shape) - 1).T)] if len(pts) else np.zeros(0)
-        return Detections(pts, pts * np.asarray(self.spacing, np.float32),
-                          np.asarray(at, np.float32),
-                          float(density.sum() / self.record["target"]["mass_per_dot"]))
+        return self.detections(pts, at, density.sum(dtype=np.float64))
 
-    def detect(self, image, normalised: bool = False) -> Detections:
-        return self.detections_of(self.density(image, normalised))
+    def detect(self, image, normalised: bool = False, tile=None, context=None) -> Detections:
+        """Detections of an image, tile by tile (each tile keeps the cells it owns)."""
+        self.peaks(np.zeros((1,) * self.ndim, np.float32))  # fails early when not calibrated
+        density, pts, at = self._tiles(image, normalised, True, tile, context)
+        return self.detections(pts, at, density.sum(dtype=np.float64))
+
+
+def tiling_default(train_crop) -> dict:
+    """Tiles of TILE_CROPS training crops with half a crop of context on each side."""
+    crop = np.asarray(train_crop)
+    return {"tile": [int(c) for c in np.round(crop * TILE_CROPS)],
+            "context": [int(c) for c in np.round(crop * CONTEXT_CROPS)]}
 
 
 def create_model(record: dict, impl: str = "auto"):

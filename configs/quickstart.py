@@ -105,4 +105,8 @@ def get_config():
                                     # 3^ndim neighbours only)
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
+
+    c.predict = ml_collections.ConfigDict()
+    c.predict.tile = ()             # voxels per axis that a tile owns; (): 2 training crops
+    c.predict.context = ()          # voxels of context on each side; (): half a training crop
     return c

@@ -106,7 +106,7 @@ def test_predict_from_the_folder_alone(tmp_path):
 
 
 def rows_by_name_plain(path):
-    return [(float(r["y"]), float(r["x"])) for r in csv.DictReader(open(path))]
+    return [(float(r["axis-0"]), float(r["axis-1"])) for r in csv.DictReader(open(path))]
 
 
 def test_resume_with_another_model_config_stops(tmp_path):
@@ -226,8 +226,8 @@ def error_dir(tmp_path_factory):
     tifffile.imwrite(d / "vol.tif", np.zeros((4, 16, 16, 16), np.float32))
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / "grey.png")
     os.makedirs(d / "empty")
-    a = np.zeros((16, 16), np.float32)
-    a[3, 3] = np.nan
+    a = np.zeros((16, 16, 3), np.float32)
+    a[3, 3, 1] = np.nan
     tifffile.imwrite(d / "nan.tif", a)
     return d
 

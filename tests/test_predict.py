@@ -48,7 +48,7 @@ def test_folder_train_then_predict(tmp_path):
     det = list(csv.DictReader(open(os.path.join(out, "im1_detections.csv"))))
     assert len(det) == int(rows[1]["count_detections"])
     if det:
-        assert {"y", "x", "y_physical", "x_physical", "density"} <= set(det[0])
+        assert {"axis-0", "axis-1", "y_physical", "x_physical", "density"} <= set(det[0])
     # A single file works too.
     launch(f"--workdir={wd}", "--mode=predict", f"--input={os.path.join(new_img, 'im1.png')}",
            f"--annotations={os.path.join(new_dots, 'im1.csv')}", f"--output={out}/one",

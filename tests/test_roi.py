@@ -249,4 +249,4 @@ def test_predict_scores_inside_the_region(tmp_path):
     assert rows[0][0]["true_count"] == 4 and rows[1][0]["true_count"] == 2
     assert rows[1][0]["tp"] + rows[1][0]["fp"] <= rows[0][0]["tp"] + rows[0][0]["fp"]
     with pytest.raises(ValueError, match="--roi needs --annotations"):
-        predict.read_inputs(str(tmp_path / "imgs"), 2, "", str(tmp_path / "roi"))
+        predict.inputs(str(tmp_path / "imgs"), 2, "", str(tmp_path / "roi"))
