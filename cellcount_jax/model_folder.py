@@ -30,9 +30,10 @@ RECORD = "inference.json"
 FORMAT = 1
 # Config blocks that a resumed run must share with the run that wrote the checkpoints.
 RESUME_BLOCKS = ("model", "data", "target")
-# Default prediction tiles, in training crops per axis (`tiling_default`).
-TILE_CROPS = 2.0
+# Default prediction tiles (`tiling_default`): in training crops per axis, the largest that fits.
+TILE_CROPS = (4, 3, 2, 1)
 CONTEXT_CROPS = 0.5
+WINDOW_VALUES = 2 ** 25
 
 
 def version() -> str:
@@ -135,7 +136,7 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
 
 def _tiling_of(config) -> dict:
     """The config's `predict.tile` and `predict.context` in voxels (defaults where empty)."""
-    out = tiling_default(config.train.crop)
+    out = tiling_default(config.train.crop, config.model.features)
     block = config.get("predict") or {}
     ndim = len(config.train.crop)
     for key in ("tile", "context"):
@@ -219,7 +220,8 @@ class Predictor:
     def tiling(self, tile=None, context=None):
         """(tile, context) in voxels per axis: the given ones, else the record's, else the
         default multiples of the training crop (`tiling_default`)."""
-        default = self.record.get("tiling") or tiling_default(self.record["train_crop"])
+        default = self.record.get("tiling") or tiling_default(
+            self.record["train_crop"], self.record["network"]["features"])
         tile = default["tile"] if tile is None else tile
         context = default["context"] if context is None else context
         return (tuple(int(t) for t in np.broadcast_to(tile, (self.ndim,))),
@@ -272,11 +274,17 @@ class Predictor:
         return self.detections(pts, at, density.sum(dtype=np.float64))
 
 
-def tiling_default(train_crop) -> dict:
-    """Tiles of TILE_CROPS training crops with half a crop of context on each side."""
-    crop = np.asarray(train_crop)
-    return {"tile": [int(c) for c in np.round(crop * TILE_CROPS)],
-            "context": [int(c) for c in np.round(crop * CONTEXT_CROPS)]}
+def tiling_default(train_crop, features: int = 16) -> dict:
+    """Tiles of the largest of TILE_CROPS training crops whose window (with CONTEXT_CROPS of a
+    crop on each side) keeps one full-resolution feature map of the network within
+    WINDOW_VALUES values (128 MB in float32), so that memory stays bounded for any network."""
+    crop = np.asarray(train_crop, np.float64)
+    context = np.round(crop * CONTEXT_CROPS).astype(int)
+    for crops in TILE_CROPS:
+        tile = np.round(crop * crops).astype(int)
+        if np.prod(tile + 2 * context) * features <= WINDOW_VALUES:
+            break
+    return {"tile": [int(t) for t in tile], "context": [int(c) for c in context]}
 
 
 def create_model(record: dict, impl: str = "auto"):

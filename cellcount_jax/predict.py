@@ -26,7 +26,6 @@ this process writes the results in the order they finish.
 import csv
 import functools
 import itertools
-import json
 import os
 import sys
 import time
@@ -194,12 +193,13 @@ class _DensityStore:
     def __init__(self, path, kind, shape, chunks, spacing, resume):
         self.kind, self.path = kind, path
         if kind == "tif":
-            if resume and os.path.exists(path):
-                self.array = tifffile.memmap(path, mode="r+")
-            else:
-                self.array = tifffile.memmap(path, shape=tuple(shape), dtype=np.float32,
-                                             bigtiff=4 * np.prod(shape) > 2 ** 31 - 2 ** 25,
-                                             photometric="minisblack")
+            # Mapped for each write only: an open mapping would keep every page written so far
+            # in the process's resident memory.
+            if not (resume and os.path.exists(path)):
+                created = tifffile.memmap(path, shape=tuple(shape), dtype=np.float32,
+                                       bigtiff=4 * np.prod(shape) > 2 ** 31 - 2 ** 25,
+                                       photometric="minisblack")
+                del created
         elif kind == "zarr":
             zarr = volumes._zarr()
             if resume and os.path.exists(path):
@@ -215,14 +215,14 @@ class _DensityStore:
                         {"type": "scale", "scale": [float(s) for s in spacing]}]}]}]
 
     def write(self, core, values):
-        self.array[tuple(slice(a, b) for a, b in core)] = values
+        index = tuple(slice(a, b) for a, b in core)
         if self.kind == "tif":
-            self.array.flush()
-
-    def close(self):
-        if self.kind == "tif":
-            self.array.flush()
-            del self.array
+            mapped = tifffile.memmap(self.path, mode="r+")
+            mapped[index] = values
+            mapped.flush()
+            del mapped
+        else:
+            self.array[index] = values
 
 
 def _density_store(kind, path, shape, chunks, spacing, resume):
@@ -367,8 +367,6 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
             bar.update(1)
     if bar is not None:
         bar.close()
-    if store is not None:
-        store.close()
     done = _finished_tiles(paths["tiles.csv"], paths["detections.csv"])
     return {"name": name, "count_detections": sum(int(r["detections"]) for r in done.values()),
             "count_integration": round(sum(float(r["integration"]) for r in done.values()), 2),

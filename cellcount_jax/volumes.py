@@ -15,7 +15,7 @@ axis. Only that box is read from disk. Sources:
 import dataclasses
 import os
 import re
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import tifffile
@@ -150,7 +150,7 @@ class PlaneFolder(Volume):
         try:
             if path.lower().endswith((".tif", ".tiff")):
                 try:
-                    return tifffile.memmap(path, mode="r")
+                    return _MappedOnRead(path)
                 except ValueError:  # compressed: read the plane
                     return tifffile.imread(path)
             with Image.open(path) as im:
@@ -214,6 +214,24 @@ class _Indexed:
         return self.array[tuple(next(key) if isinstance(i, slice) else i for i in self.index)]
 
 
+class _MappedOnRead:
+    """The pixels of an uncompressed, contiguous TIFF, memory-mapped for each read only: a
+    mapping kept open would hold every page read so far in the process's resident memory."""
+
+    def __init__(self, path):
+        mapped = tifffile.memmap(path, mode="r")  # ValueError unless uncompressed, contiguous
+        self.path, self.offset = path, mapped.offset
+        self.shape, self.dtype, self.ndim = mapped.shape, mapped.dtype, mapped.ndim
+        del mapped
+
+    def __getitem__(self, index):
+        mapped = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
+
+
 def open_volume(path: str, ndim: int) -> Volume:
     """The image at `path` (see the module docstring) as a lazily read `Volume`."""
     name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
@@ -239,8 +257,7 @@ def open_volume(path: str, ndim: int) -> Volume:
         raise InputError(f"{path}: no such file or folder")
     if path.lower().endswith((".tif", ".tiff")):
         try:
-            return ArrayVolume(tifffile.memmap(path, mode="r"), ndim, name, path=path,
-                               kind="tiff-memmap")
+            return ArrayVolume(_MappedOnRead(path), ndim, name, path=path, kind="tiff-memmap")
         except ValueError:
             pass  # compressed or not contiguous
         except Exception as e:  # noqa: BLE001

@@ -107,6 +107,7 @@ def get_config():
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
 
     c.predict = ml_collections.ConfigDict()
-    c.predict.tile = ()             # voxels per axis that a tile owns; (): 2 training crops
+    c.predict.tile = ()             # voxels per axis that a tile owns; (): 4 training crops, or
+                                    # fewer where the window would exceed 2^25 / features voxels
     c.predict.context = ()          # voxels of context on each side; (): half a training crop
     return c
