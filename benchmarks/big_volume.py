@@ -78,11 +78,12 @@ def tree_rss(proc):
     return total
 
 
-def run(model, path, workers, output, density, tile=None):
+def run(model, path, workers, output, density, tile=None, context=None):
     import psutil
     cmd = [sys.executable, "-c", "from cellcount_jax.cli import main; main()", "predict",
            f"--model={model}", f"--input={path}", f"--output={output}", f"--density={density}",
-           f"--workers={workers}", "--progress=false"] + ([f"--tile={tile}"] if tile else [])
+           f"--workers={workers}", "--progress=false"] + ([f"--tile={tile}"] if tile else []) \
+        + ([f"--context={context}"] if context else [])
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
@@ -98,7 +99,8 @@ def run(model, path, workers, output, density, tile=None):
     count = int(out.strip().splitlines()[-1].split()[2])  # "1 image(s), N cells detected"
     print(json.dumps({"path": path, "shape": list(shape),
                       "gigabytes": round(os.path.getsize(path) / 1e9, 3), "workers": workers,
-                      "density": density, "tile": tile or "model default", "cells": count,
+                      "density": density, "tile": tile or "model default",
+                      "context": context or "model default", "cells": count,
                       "seconds": round(seconds, 1),
                       "voxels_per_s": round(float(np.prod(shape)) / seconds),
                       "peak_rss_gb": round(peak / 1e9, 3)}), flush=True)
@@ -113,6 +115,7 @@ def main():
     p.add_argument("--workers", default="0,2")
     p.add_argument("--density", default="none")
     p.add_argument("--tile", default="")
+    p.add_argument("--context", default="")
     p.add_argument("--truth", default="", help="write: the cells' centres to this CSV")
     p.add_argument("--output", default="workdir/big_volume")
     a = p.parse_args()
@@ -124,7 +127,7 @@ def main():
         if os.path.exists(out):
             import shutil
             shutil.rmtree(out)
-        run(a.model, a.path, w, out, a.density, a.tile)
+        run(a.model, a.path, w, out, a.density, a.tile, a.context)
 
 
 if __name__ == "__main__":

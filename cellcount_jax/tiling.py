@@ -79,7 +79,8 @@ class Resampled(Volume):
         self.volume, self.zoom = volume, np.asarray(zoom, np.float64)
         self.shape = tuple(max(1, int(np.floor((s - 1) * z)) + 1)
                            for s, z in zip(volume.shape, self.zoom))
-        self.channels, self.dtype, self.name = volume.channels, volume.dtype, volume.name
+        # Interpolated values are not the source's integers: statistics treat them as floats.
+        self.channels, self.dtype, self.name = volume.channels, np.dtype(np.float32), volume.name
 
     def read(self, box: Box = None) -> np.ndarray:
         box = tuple((0, s) for s in self.shape) if box is None else tuple(box)
