@@ -8,9 +8,9 @@
 
 The inference record holds the rank, input channels, voxel spacing, the network's shape, the
 fitted normalisation, the target kind and scale (with the mass of one dot's target, for the
-integration count), the training crop, the detector and threshold once calibrated, and the
-package version. `load_model(workdir)` builds a `Predictor` from the folder alone: no config
-file, no optimizer.
+integration count), the training crop, the prediction tile and context, the detector and
+threshold once calibrated, and the package version. `load_model(workdir)` builds a
+`Predictor` from the folder alone: no config file, no optimizer.
 """
 import dataclasses
 import json
@@ -245,11 +245,14 @@ class Predictor:
     def calibrated(self) -> bool:
         return bool(self.record.get("detector"))
 
-    def peaks(self, density) -> np.ndarray:
-        """Detections (n, ndim) in pixels of a density map with the calibrated detector."""
+    def _check_calibrated(self):
         if not self.calibrated:
             raise InputError("the model has no calibrated detector yet (training did not finish "
                              "its calibration step); run `cellcount evaluate` on its folder")
+
+    def peaks(self, density) -> np.ndarray:
+        """Detections (n, ndim) in pixels of a density map with the calibrated detector."""
+        self._check_calibrated()
         d = self.record["detector"]
         return postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
                                        d.get("min_distance", 0.0), self.spacing)
@@ -269,7 +272,7 @@ class Predictor:
 
     def detect(self, image, normalised: bool = False, tile=None, context=None) -> Detections:
         """Detections of an image, tile by tile (each tile keeps the cells it owns)."""
-        self.peaks(np.zeros((1,) * self.ndim, np.float32))  # fails early when not calibrated
+        self._check_calibrated()
         density, pts, at = self._tiles(image, normalised, True, tile, context)
         return self.detections(pts, at, density.sum(dtype=np.float64))
 

@@ -306,6 +306,7 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     grid_volume = volume if np.allclose(zoom, 1) else tiling.Resampled(volume, zoom)
     tile, context = predictor.tiling(tile, context)
     tiles = tiling.grid(grid_volume.shape, tile, context)
+    os.makedirs(output, exist_ok=True)
     paths = {k: os.path.join(output, f"{name}_{k}") for k in
              ("detections.csv", "tiles.csv", "run.json")}
     density_path = os.path.join(output, f"{name}_density." + ("ome.zarr" if density == "zarr"

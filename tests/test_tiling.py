@@ -276,6 +276,13 @@ def test_two_dask_workers_give_the_detections_of_one_process(model3d, tmp_path):
     np.testing.assert_allclose(two, one, atol=2e-3)
     np.testing.assert_allclose(tifffile.imread(tmp_path / "two" / "vol_density.tif"),
                                tifffile.imread(tmp_path / "one" / "vol_density.tif"), atol=1e-4)
+    # An existing cluster, by its scheduler's address (as dask-jobqueue gives it).
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        predict.predict_folder(model3d, path, str(tmp_path / "sched"),
+                               scheduler=cluster.scheduler_address, **kw)
+    np.testing.assert_allclose(np.array(read_rows(tmp_path / "sched" / "vol_detections.csv"),
+                                        float), one, atol=2e-3)
 
 
 def test_anisotropic_volume_is_resampled_to_the_model_grid(tmp_path):
