@@ -1,5 +1,9 @@
 """Checkpoints of the train state with orbax: periodic saves, resume from the newest readable.
 
+Every process of a multi-process job calls `save` and `restore_latest` on the same directory
+(a file system they share); orbax writes each array once and in the background, and a step
+becomes visible only once complete, so a job killed while saving resumes from the one before.
+
 A checkpoint that cannot be read (a truncated file, as a full disk leaves it) is moved to
 `<workdir>/checkpoints_damaged/<step>` with a warning that names it, and the one before is
 used: a damaged latest checkpoint costs the steps since the previous one, not the run.
@@ -59,13 +63,15 @@ def _restore_newest(mngr, workdir, restore_fn):
         except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
             src = os.path.join(directory(workdir), str(step))
             dst = os.path.join(os.path.abspath(workdir), "checkpoints_damaged", str(step))
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.move(src, dst)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            warnings.warn(f"checkpoint {src} is damaged ({first}); moved to {dst}, using the "
-                          f"one before", stacklevel=3)
+            if jax.process_index() == 0:  # one process moves it; every one goes on to the next
+                if os.path.exists(dst):
+                    shutil.rmtree(dst)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.move(src, dst)
+                first = (str(e).strip().splitlines()[0][:200] if str(e).strip()
+                         else type(e).__name__)
+                warnings.warn(f"checkpoint {src} is damaged ({first}); moved to {dst}, using "
+                              f"the one before", stacklevel=3)
             mngr.reload()
     return None, None
 

@@ -2,7 +2,8 @@
 
     cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR [--roi=DIR]
                     [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
-                    [--config.<block>.<field>=VALUE ...]
+                    [--config.<block>.<field>=VALUE ...] [--distributed | --coordinator=HOST:PORT
+                    --num_processes=N --process_id=I]
     cellcount evaluate --workdir=DIR
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
@@ -118,6 +119,15 @@ def define_flags():
     flags.DEFINE_string("scheduler", "", "predict: run the tiles on the Dask cluster of this "
                         "scheduler address (tcp://host:port), e.g. one started by dask-jobqueue.")
     flags.DEFINE_bool("progress", True, "predict: a progress bar (tiles, voxels/s, ETA).")
+    flags.DEFINE_bool("distributed", False, "train, evaluate: one process of a multi-process "
+                      "job (jax.distributed): on TPU pods, SLURM and Open MPI nothing else is "
+                      "needed; elsewhere give --coordinator, --num_processes and --process_id "
+                      "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+    flags.DEFINE_string("coordinator", "", "train, evaluate: HOST:PORT of process 0 of a "
+                        "multi-process job (implies --distributed).")
+    flags.DEFINE_integer("num_processes", None, "train, evaluate: processes in the job.")
+    flags.DEFINE_integer("process_id", None, "train, evaluate: this process's index, 0 to "
+                         "num_processes - 1; process 0 prints and writes the model folder.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks of input errors.")
 
 
@@ -146,8 +156,13 @@ def _train_config():
 
 def run(command: str):
     """Runs one command with the parsed flags."""
-    from cellcount_jax import predict, train  # after flag parsing: keeps --help fast
+    from cellcount_jax import distributed, predict, train  # after flag parsing: fast --help
 
+    if command in ("train", "evaluate") and distributed.initialize(
+            FLAGS.distributed, FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id):
+        if not distributed.is_lead():  # process 0 speaks for the job
+            warnings.simplefilter("ignore")
+            logging.set_verbosity(logging.ERROR)
     if command == "train":
         config = _train_config()
         workdir = FLAGS.workdir or os.path.join(

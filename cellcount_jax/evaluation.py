@@ -11,14 +11,15 @@ on held-out bands of them (`data.holdout`; `calibrate_record`, stored in the mod
 folder), never chosen on the test set. Where images have regions of interest, only the dots
 and detections inside them count. The same
 protocol applied to the image itself (channel mean) gives the `raw_threshold` baseline,
-which shows what the network adds.
+which shows what the network adds. In a job of several processes the density maps are split
+across them; every process gets the same scores and process 0 prints and writes them.
 """
 import csv
 import os
 
 import numpy as np
 
-from cellcount_jax import metrics, postprocess
+from cellcount_jax import distributed, metrics, postprocess
 from cellcount_jax.model_folder import write_json
 
 
@@ -85,6 +86,13 @@ def _min_distances(ev):
     return float(ev.radius) * np.asarray(ev.get("min_distance_fractions", (0.0,)))
 
 
+def _maps(predictor, images):
+    """Density maps of normalised images; in a job of several processes each computes its
+    share and all get every map (`distributed.gather_maps`)."""
+    return distributed.gather_maps(lambda im: predictor.density(im, normalised=True), images,
+                                   [im.shape[:-1] for im in images])
+
+
 def calibrate_record(config, predictor, splits):
     """Chooses the detector and threshold on splits['calibration'] (the labeled training
     images, or held-out bands of them: `data.calibration_split`) and stores them in
@@ -93,7 +101,7 @@ def calibrate_record(config, predictor, splits):
     maps)."""
     ev, train = config.eval, splits["train"]
     cal = splits["calibration"]
-    maps = [predictor.density(im, normalised=True) for im in cal.images]
+    maps = _maps(predictor, cal.images)
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
     detector = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
@@ -119,7 +127,7 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     test = splits["test"]
     radii = [float(ev.radius)] + [float(r) for r in ev.extra_radii]
     d = predictor.record["detector"]
-    test_maps = [predictor.density(im, normalised=True) for im in test.images]
+    test_maps = _maps(predictor, test.images)
     mass = predictor.record["target"]["mass_per_dot"]
     model_scores, preds, rows = score(test_maps, test.dots, d["threshold"], radii, spacing,
                                       d["name"], d["min_size"], mass, test.rois,
@@ -140,7 +148,7 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
         summary["raw_threshold"]["detector"] = raw_det["name"]
     summary.update(num_test_images=len(test.images), radius=radii[0], detector=d["name"],
                    mass_per_dot=mass, step=predictor.step)
-    if verbose:
+    if verbose and distributed.is_lead():
         print(format_table(summary), flush=True)
     if workdir:
         write_json(os.path.join(workdir, "eval.json"), summary)

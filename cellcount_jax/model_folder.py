@@ -88,11 +88,14 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
 
 
-def prepare_workdir(workdir: str, config, allow_config_change: bool = False):
+def prepare_workdir(workdir: str, config, allow_config_change: bool = False,
+                    write: bool = True):
     """Writes `config.json` when training starts. Where the folder already holds checkpoints
     of a run whose model, data or target fields differ, stops with the list of differences
-    (unless `allow_config_change`)."""
-    os.makedirs(workdir, exist_ok=True)
+    (unless `allow_config_change`). `write=False` checks only (processes other than 0 of a
+    multi-process job, so that all of them stop together)."""
+    if write:
+        os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG)
     new = config_to_dict(config)
     has_checkpoints = os.path.isdir(checkpoints.directory(workdir)) and any(
@@ -104,7 +107,8 @@ def prepare_workdir(workdir: str, config, allow_config_change: bool = False):
                 f"{workdir} holds checkpoints of a run with another config ({path}); differences: "
                 + "; ".join(diff) + ". Use another --workdir, or pass --allow_config_change to "
                 "resume with the new config on purpose")
-    write_json(path, new)
+    if write:
+        write_json(path, new)
 
 
 def read_config(workdir: str) -> ConfigDict:

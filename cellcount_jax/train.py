@@ -2,10 +2,11 @@
 
 The state is a plain dict `{'step', 'params', 'opt'[, 'teacher']}`. `make_train_step` builds
 one per-device pure function `step(state, batch, rng) -> (state, metrics)`; `Parallel`
-runs that same body with `jax.pmap` or `jax.shard_map` over the local devices, with
-gradients averaged by `lax.pmean` over the device axis. `train_and_evaluate` is the loop:
-it writes the model folder (`model_folder`), the run records (`records`), stops at the first
-non-finite step, then calibrates the detector and scores the held-out images.
+runs that same body with `jax.pmap` or `jax.shard_map` over all the job's devices (several
+processes: `distributed`), with gradients averaged by `lax.pmean` over the device axis.
+`train_and_evaluate` is the loop: it writes the model folder (`model_folder`), the run records
+(`records`), stops at the first non-finite step and saves and returns on SIGTERM, then
+calibrates the detector and scores the held-out images.
 """
 import sys
 import time
@@ -16,8 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cellcount_jax import (checkpoints, convolutions, data, evaluation, losses, model_folder,
-                           models, optim, perturb, records)
+from cellcount_jax import (checkpoints, convolutions, data, distributed, evaluation, losses,
+                           model_folder, models, optim, perturb, records)
 from cellcount_jax.errors import InputError
 
 AXIS = "batch"
@@ -130,21 +131,33 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
     return step
 
 
-class Parallel:
-    """The step on all `devices`, with `jax.pmap` or `jax.shard_map` ('pmap' | 'shard_map').
+def _global(local, sharding):
+    """The global array of which `local` is this process's part under `sharding`."""
+    if isinstance(local, jax.Array) and not local.is_fully_addressable:
+        return local
+    if jax.dtypes.issubdtype(local.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_global(jax.random.key_data(local), sharding),
+                                        impl=jax.random.key_impl(local))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
 
-    `put_state` / `get_state` move a host state to the devices and back; `put_batch` splits a
-    global batch (leading axis divisible by the device count) across them. The step is
-    compiled with the model's compiler options for the devices' platform
-    (`convolutions.compiler_options`).
+
+class Parallel:
+    """The step on all `devices` (default: every device of the job, over all its processes),
+    with `jax.pmap` or `jax.shard_map` ('pmap' | 'shard_map').
+
+    `put_state` / `get_state` move a host state to the devices and back (every process holds
+    the same host state); `put_batch` takes this process's rows of the global batch (leading
+    axis divisible by its local device count) and makes the global batch of the step from the
+    rows of all processes. The step is compiled with the model's compiler options for the
+    devices' platform (`convolutions.compiler_options`).
     """
 
     def __init__(self, step, mode: str = "pmap", devices=None):
-        self.devices = list(devices or jax.local_devices())
+        self.devices = list(devices or jax.devices())
+        self.local = [d for d in self.devices if d.process_index == jax.process_index()]
         self.mode = mode
         self.options = convolutions.compiler_options(self.devices[0].platform)
         self.compiled = None
-        n = len(self.devices)
         if mode == "pmap":
             self.pmapped = jax.pmap(step, AXIS, in_axes=(0, 0, None), devices=self.devices,
                                     donate_argnums=(0,))
@@ -158,7 +171,7 @@ class Parallel:
             self.fn = jax.jit(body, donate_argnums=(0,), compiler_options=self.options)
         else:
             raise InputError(f"config.train.parallel must be 'pmap' or 'shard_map', got {mode!r}")
-        self.n = n
+        self.n = len(self.local)
 
     def run_pmap(self, *args):
         # pmap takes no compiler options itself: compile once (shapes are static) with them.
@@ -166,40 +179,46 @@ class Parallel:
             return self.pmapped(*args)
         if self.compiled is None:
             self.compiled = self.pmapped.lower(*args).compile(compiler_options=self.options)
+        if jax.process_count() > 1:  # the compiled step takes global arrays only
+            args = jax.tree.map(_global, args, self.compiled.input_shardings[0])
         return self.compiled(*args)
 
     def put_state(self, state):
         # Copies from host memory: the step donates its input state, the caller keeps theirs.
         state = jax.device_get(state)
         if self.mode == "pmap":
-            # pmap shards the leading axis across the devices at the first call.
+            # pmap shards the leading axis across this process's devices at the first call.
             return jax.tree.map(lambda a: np.stack([np.asarray(a)] * self.n), state)
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
+    def _local(self, tree):
+        """This process's copy of a replicated device tree (pmap: the first device's row)."""
+        first = (lambda a: a.addressable_data(0)[0]) if self.mode == "pmap" else (
+            lambda a: a.addressable_data(0))
+        return jax.tree.map(first, tree)
+
     def get_state(self, state):
-        if self.mode == "pmap":
-            state = jax.tree.map(lambda a: a[0], state)
-        return jax.device_get(state)
+        return jax.device_get(self._local(state))
 
     def put_batch(self, batch):
         for k, v in batch.items():
             if v.shape[0] % self.n:
-                raise InputError(f"batch '{k}' of size {v.shape[0]} does not split over "
-                                 f"{self.n} devices")
+                raise InputError(f"batch '{k}' of {v.shape[0]} rows in this process does not "
+                                 f"split over its {self.n} devices")
         if self.mode == "pmap":
             return {k: v.reshape((self.n, -1) + v.shape[1:]) for k, v in batch.items()}
-        return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def __call__(self, state, batch, rng):
         state, metrics = self.fn(state, self.put_batch(batch), rng)
-        if self.mode == "pmap":
-            metrics = jax.tree.map(lambda a: a[0], metrics)
-        return state, metrics
-
+        return state, self._local(metrics)
 
 
 def log(message: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """A timestamped progress line, printed by process 0 only."""
+    if distributed.is_lead():
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def batch_rng(seed: int, step: int):
@@ -236,13 +255,19 @@ def _mass_per_dot(train_set) -> float:
 
 def train(config, workdir: str, allow_config_change: bool = False):
     """Trains on config.data into the model folder `workdir` (resuming from its newest readable
-    checkpoint). Returns (predictor of the final parameters, uncalibrated; the data splits)."""
-    lead = jax.process_index() == 0
-    if lead:
-        model_folder.prepare_workdir(workdir, config, allow_config_change)
+    checkpoint). Returns (predictor of the final parameters, uncalibrated; the data splits).
+
+    In a job of several processes (`distributed`) every process runs this with the same
+    arguments and `workdir` on a file system they share; each makes its rows of the global
+    batch, all save the checkpoints together, and process 0 alone prints and writes the model
+    folder and the records. On SIGTERM (any process) or a TPU maintenance event, every
+    process saves the state of the same step and returns early: `predictor.step` is then
+    below config.train.steps, and the same call resumes."""
+    lead = distributed.is_lead()
+    model_folder.prepare_workdir(workdir, config, allow_config_change, write=lead)
     log("loading data")
     splits = data.load(config)
-    print(splits["summary"], flush=True)
+    log(splits["summary"])
     train_set = splits["train"]
     model = create_model(config)
     steps = config.train.steps
@@ -280,10 +305,16 @@ def train(config, workdir: str, allow_config_change: bool = False):
         unlabeled_batch = 0
     per_step = config.train.batch + unlabeled_batch
     par = Parallel(make_train_step(config, model, tx, lr_fn), config.train.parallel)
+    if jax.process_count() > 1:
+        log(f"{jax.process_count()} processes, {jax.device_count()} devices "
+            f"({len(par.local)} in each process); each process makes its rows of the batch")
+    part = distributed.part()
+    preemption = distributed.Preemption()
+    stopped = None
     dstate = par.put_state(state)
     step_key = jax.random.fold_in(rng, 1)
     bar = None
-    say = lambda s: print(s, flush=True)  # noqa: E731
+    say = (lambda s: print(s, flush=True)) if lead else (lambda s: None)  # noqa: E731
     t0 = time.perf_counter()
     t_log, done_log = t0, start
     previous = None
@@ -291,7 +322,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
         log("compiling the train step")
     for step in range(start, steps):
         batch = train_set.sample(batch_rng(config.seed, step), crop, config.train.batch,
-                                 unlabeled_batch)
+                                 unlabeled_batch, part)
         dstate, metrics = par(dstate, batch, step_key)
         done = step + 1
         if previous is not None:  # the previous step, checked while this one runs
@@ -331,11 +362,15 @@ def train(config, workdir: str, allow_config_change: bool = False):
             say(f"[{time.strftime('%H:%M:%S')}] step {done}/{steps} {line}")
             if bar and "loss" in scalars:
                 bar.set_postfix(loss=f"{scalars['loss']:.4g}")
-        if done % config.train.checkpoint_every == 0 or done == steps:
+        stop = preemption.reached(done)
+        if done % config.train.checkpoint_every == 0 or done == steps or stop:
             _check_finite(done, metrics, saved)  # never save a non-finite state
-            if lead:
-                checkpoints.save(manager, done, par.get_state(dstate))
+            checkpoints.save(manager, done, par.get_state(dstate))  # every process takes part
             saved = done
+        if stop:
+            stopped = done
+            break
+    preemption.close()
     if previous is not None:
         _check_finite(*previous, saved)
     if bar:
@@ -343,9 +378,13 @@ def train(config, workdir: str, allow_config_change: bool = False):
     manager.wait_until_finished()
     manager.close()
     recs.close()
-    if start < steps:
+    end = stopped or steps
+    if stopped:
+        log(f"asked to stop (SIGTERM or preemption): saved step {stopped} of {steps}; the "
+            f"same command resumes from there")
+    elif start < steps:
         log(f"trained {steps - start} steps in {_duration(time.perf_counter() - t0)}")
-    predictor.params, predictor.step = par.get_state(dstate)["params"], steps
+    predictor.params, predictor.step = par.get_state(dstate)["params"], end
     if lead and records.plot(workdir):
         log(f"wrote {workdir}/{records.PLOT}, {records.METRICS} and TensorBoard records "
             f"({workdir}/{records.TENSORBOARD})")
@@ -369,7 +408,7 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     log(f"calibrating the detector and threshold on {where} {n} labeled training images")
     evaluation.calibrate_record(config, predictor, splits)
     d = predictor.record["detector"]
-    lead = jax.process_index() == 0
+    lead = distributed.is_lead()
     if lead:
         model_folder.write_record(workdir, predictor.record)
     between = f", peaks at least {d['min_distance']:.3g} apart" if d["min_distance"] else ""
@@ -383,8 +422,11 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
-    """Trains into the model folder `workdir`, calibrates, evaluates; returns the summary."""
+    """Trains into the model folder `workdir`, calibrates, evaluates; returns the summary
+    (None when the run was stopped early by SIGTERM or a preemption, to be resumed)."""
     predictor, splits = train(config, workdir, allow_config_change)
+    if predictor.step < config.train.steps:
+        return None
     return calibrate_and_evaluate(config, predictor, splits, workdir)
 
 
@@ -394,7 +436,7 @@ def evaluate_workdir(workdir: str):
     config = model_folder.read_config(workdir)
     log("loading data")
     splits = data.load(config)
-    print(splits["summary"], flush=True)
+    log(splits["summary"])
     predictor = model_folder.load_model(workdir)
     log(f"model of step {predictor.step}")
     return calibrate_and_evaluate(config, predictor, splits, workdir)

@@ -4,11 +4,18 @@ embedded synthetic fluorescence cells (no download). About 3 minutes on 2 CPU co
     python launch.py --config=configs/quickstart.py --workdir=/tmp/cellcount_quickstart
 
 Expected (seed 0, 2-core CPU): see the README's quickstart table.
+
+`configs/quickstart.py:tiny` shrinks it to seconds (a 4-feature network on 32x32 images,
+4 steps), for tests and for trying a launch setup such as several processes:
+
+    python launch.py --config=configs/quickstart.py:tiny --workdir=/tmp/tiny
 """
 import ml_collections
 
 
-def get_config():
+def get_config(arg: str = ""):
+    if arg not in ("", "tiny"):
+        raise ValueError(f"quickstart variants: '' or 'tiny', got {arg!r}")
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -110,4 +117,13 @@ def get_config():
     c.predict.tile = ()             # voxels per axis that a tile owns; (): 4 training crops, or
                                     # fewer where the window would exceed 2^25 / features voxels
     c.predict.context = ()          # voxels of context on each side; (): half a training crop
+    if arg == "tiny":
+        c.model.features = 4
+        c.data.shape = (32, 32)
+        c.data.num_cells = (4, 8)
+        c.data.radius = 3.0
+        c.data.num_labeled, c.data.num_unlabeled, c.data.num_test = 2, 2, 2
+        c.train.crop = (16, 16)
+        c.train.batch, c.train.unlabeled_batch = 2, 2
+        c.train.steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 2
     return c

@@ -53,12 +53,12 @@ def make_targets(images, dots, kind: str, scale: float, spacing=None, sigma: flo
     return out
 
 
-def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rotate: bool,
-             anchor: Optional[Sequence[int]] = None):
-    """The same random crop, flips of every spatial axis and rot90 (k in {0, 1}, in the last
-    two spatial axes: with the flips, all 8 symmetries of the square) on every array. With an
-    `anchor` pixel the crop contains it (uniformly among the crops that do)."""
-    shape = arrays[0].shape[:ndim]
+def _draw_crop(rng, shape: Sequence[int], crop: Sequence[int], rotate: bool,
+               anchor: Optional[Sequence[int]] = None):
+    """The random crop start, flips of every spatial axis and rot90 (k in {0, 1}, in the last
+    two spatial axes: with the flips, all 8 symmetries of the square) of one crop of an image
+    of spatial `shape`. With an `anchor` pixel the crop contains it (uniformly among the crops
+    that do). Draws depend on shapes only, never on pixel values."""
     if any(c > s for c, s in zip(crop, shape)):
         raise InputError(f"crop {tuple(crop)} is larger than an image of shape {tuple(shape)}")
     if anchor is None:
@@ -66,14 +66,57 @@ def _augment(rng, arrays: List[np.ndarray], ndim: int, crop: Sequence[int], rota
     else:
         start = [int(rng.integers(max(0, a - c + 1), min(a, s - c) + 1))
                  for s, c, a in zip(shape, crop, anchor)]
+    flips = [rng.uniform() < 0.5 for _ in shape]
+    rot = bool(rotate and crop[-1] == crop[-2] and rng.uniform() < 0.5)
+    return start, flips, rot
+
+
+def _apply_crop(arrays: List[np.ndarray], crop: Sequence[int], draw):
+    """The crop of `_draw_crop` applied to each array (same spatial leading axes)."""
+    start, flips, rot = draw
     box = tuple(slice(a, a + c) for a, c in zip(start, crop))
     arrays = [a[box] for a in arrays]
-    for axis in range(ndim):
-        if rng.uniform() < 0.5:
+    for axis, flip in enumerate(flips):
+        if flip:
             arrays = [np.flip(a, axis) for a in arrays]
-    if rotate and crop[-1] == crop[-2] and rng.uniform() < 0.5:
-        arrays = [np.rot90(a, 1, axes=(ndim - 2, ndim - 1)) for a in arrays]
+    if rot:
+        n = len(crop)
+        arrays = [np.rot90(a, 1, axes=(n - 2, n - 1)) for a in arrays]
     return [np.ascontiguousarray(a) for a in arrays]
+
+
+def _draw_intensity(rng, shape, brightness: float = 0.0, contrast: float = 0.0,
+                    gamma: float = 0.0, noise: float = 0.0):
+    """The random numbers of `intensity_augment` for a crop of `shape` (noise as unit normals,
+    scaled by the crop's spread when applied)."""
+    d = {}
+    if gamma:
+        d["gamma"] = np.exp(rng.uniform(-np.log1p(gamma), np.log1p(gamma)))
+    if contrast:
+        d["contrast"] = rng.uniform(1 - contrast, 1 + contrast)
+    if brightness:
+        d["brightness"] = rng.uniform(-brightness, brightness)
+    if noise:
+        d["noise"] = rng.uniform(0, noise)
+        d["normal"] = rng.standard_normal(shape)
+    return d
+
+
+def _apply_intensity(x: np.ndarray, d: dict):
+    x = np.asarray(x, np.float32)
+    if "gamma" in d:
+        lo, hi = x.min(), x.max()
+        if hi > lo:
+            x = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** np.float32(d["gamma"])
+    std = float(x.std()) or 1.0
+    if "contrast" in d:
+        m = x.mean()
+        x = (x - m) * np.float32(d["contrast"]) + m
+    if "brightness" in d:
+        x = x + np.float32(d["brightness"] * std)
+    if "noise" in d:
+        x = x + (d["noise"] * std * d["normal"]).astype(np.float32)
+    return x.astype(np.float32)
 
 
 def intensity_augment(rng: np.random.Generator, x: np.ndarray, brightness: float = 0.0,
@@ -83,21 +126,19 @@ def intensity_augment(rng: np.random.Generator, x: np.ndarray, brightness: float
     1+gamma] on the crop's [min, max] range, contrast c in [1-contrast, 1+contrast] about its
     mean, a brightness shift of up to +-brightness standard deviations, and Gaussian noise of
     up to `noise` standard deviations. A range of 0 leaves that change out (and draws nothing)."""
-    x = np.asarray(x, np.float32)
-    if gamma:
-        g = np.exp(rng.uniform(-np.log1p(gamma), np.log1p(gamma)))
-        lo, hi = x.min(), x.max()
-        if hi > lo:
-            x = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** np.float32(g)
-    std = float(x.std()) or 1.0
-    if contrast:
-        m = x.mean()
-        x = (x - m) * np.float32(rng.uniform(1 - contrast, 1 + contrast)) + m
-    if brightness:
-        x = x + np.float32(rng.uniform(-brightness, brightness) * std)
-    if noise:
-        x = x + rng.normal(0, rng.uniform(0, noise) * std, x.shape).astype(np.float32)
-    return x.astype(np.float32)
+    return _apply_intensity(x, _draw_intensity(rng, np.shape(x), brightness, contrast, gamma,
+                                               noise))
+
+
+def part_rows(size: int, part=(0, 1)):
+    """(start, stop): the rows of a global batch of `size` that part `index` of `count`
+    (a process of a multi-process job) makes."""
+    index, count = part
+    if size % count:
+        raise InputError(f"a batch of {size} does not split over {count} processes; make "
+                         f"config.train.batch and unlabeled_batch multiples of {count}")
+    k = size // count
+    return index * k, (index + 1) * k
 
 
 @dataclasses.dataclass
@@ -134,20 +175,31 @@ class Dataset:
         return self.images[0].ndim - 1
 
     def sample(self, rng: np.random.Generator, crop: Sequence[int], batch: int,
-               unlabeled_batch: int = 0):
-        """One training batch: {'image', 'target'[, 'unlabeled']} of fixed shapes."""
+               unlabeled_batch: int = 0, part=(0, 1)):
+        """One training batch: {'image', 'target'[, 'mask'][, 'unlabeled']} of fixed shapes.
+
+        The whole global batch is drawn from `rng` (from image shapes only), and part
+        (index, count) makes its share of the rows (`part_rows`): the parts of all processes
+        together are exactly the batch of part (0, 1), whatever the number of processes.
+        """
         if not self.images:
             raise InputError("the labeled pool is empty")
+        lo, hi = part_rows(batch, part)
+        channels = (self.images[0].shape[-1],)
         x, y, w = [], [], []
-        for i in rng.integers(len(self.images), size=batch):
-            arrays, anchor = [self.images[i], self.targets[i]], None
+        for k, i in enumerate(rng.integers(len(self.images), size=batch)):
             m = None if self.masks is None else self.masks[i]
+            anchor = None
             if m is not None:
-                arrays.append(m)
                 flat = self._inside[i][rng.integers(len(self._inside[i]))]
                 anchor = np.unravel_index(flat, m.shape)
-            arrays = _augment(rng, arrays, self.ndim, crop, self.rotate, anchor)
-            x.append(self._finish(rng, arrays[0]))
+            draw = _draw_crop(rng, self.images[i].shape[:self.ndim], crop, self.rotate, anchor)
+            finish = self._draw_finish(rng, tuple(crop) + channels)
+            if not lo <= k < hi:
+                continue
+            arrays = [self.images[i], self.targets[i]] + ([m] if m is not None else [])
+            arrays = _apply_crop(arrays, crop, draw)
+            x.append(self._finish(arrays[0], finish))
             y.append(arrays[1])
             if self.masks is not None:
                 w.append(np.ones(arrays[1].shape, np.float32) if m is None
@@ -158,12 +210,19 @@ class Dataset:
         if unlabeled_batch:
             if not self.unlabeled:
                 raise InputError("unlabeled_batch > 0 but the unlabeled pool is empty")
-            crops = [_augment(rng, [self.unlabeled[i]], self.ndim, crop, self.rotate)[0]
-                     for i in rng.integers(len(self.unlabeled), size=unlabeled_batch)]
-            out["unlabeled"] = np.stack([self._finish(rng, c) for c in crops])
+            lo, hi = part_rows(unlabeled_batch, part)
+            idx = rng.integers(len(self.unlabeled), size=unlabeled_batch)
+            draws = [_draw_crop(rng, self.unlabeled[i].shape[:self.ndim], crop, self.rotate)
+                     for i in idx]
+            finishes = [self._draw_finish(rng, tuple(crop) + channels) for _ in idx]
+            out["unlabeled"] = np.stack([
+                self._finish(_apply_crop([self.unlabeled[idx[k]]], crop, draws[k])[0],
+                             finishes[k]) for k in range(lo, hi)])
         return out
 
-    def _finish(self, rng, crop):
-        if self.intensity:
-            crop = intensity_augment(rng, crop, **self.intensity)
+    def _draw_finish(self, rng, shape):
+        return _draw_intensity(rng, shape, **self.intensity) if self.intensity else {}
+
+    def _finish(self, crop, finish):
+        crop = _apply_intensity(crop, finish) if finish else crop
         return self.crop_fn(crop) if self.crop_fn else crop
