@@ -3,7 +3,7 @@
 One process runs per host and feeds its own devices. `initialize` starts `jax.distributed`;
 `part` names this process's share of each global batch (`Dataset.sample(part=...)`);
 `gather_maps` splits per-image work (evaluation) across processes and gives every process
-all the results; `Preemption` tells every process at the same step that the job is being
+all the results (`gather_exact`: any array of every process, bit for bit); `Preemption` tells every process at the same step that the job is being
 stopped (SIGTERM, or a TPU maintenance event). Process 0 prints and writes the model folder and
 the run records; every process takes part in the collectives and in checkpointing.
 """
@@ -61,6 +61,17 @@ def is_lead() -> bool:
 def part():
     """(index, count) of this process among the job's processes."""
     return jax.process_index(), jax.process_count()
+
+
+def gather_exact(x: np.ndarray) -> np.ndarray:
+    """(process_count, *x.shape): `x` of every process, bit for bit in any dtype (float64
+    included, which JAX would otherwise narrow)."""
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+    raw = np.asarray(multihost_utils.process_allgather(x.reshape(-1).view(np.uint8)))
+    return raw.reshape(len(raw), -1).view(x.dtype).reshape((len(raw),) + x.shape)
 
 
 def gather_maps(fn, images, shapes):

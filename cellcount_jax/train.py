@@ -266,7 +266,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
     lead = distributed.is_lead()
     model_folder.prepare_workdir(workdir, config, allow_config_change, write=lead)
     log("loading data")
-    splits = data.load(config)
+    splits = data.load(config, distributed.part())
     log(splits["summary"])
     train_set = splits["train"]
     model = create_model(config)

@@ -53,6 +53,9 @@ def get_config(arg: str = ""):
     c.data.test_roi = ""             # <stem>.csv boxes (y0,x0,y1,x1) or <stem>.tif masks
     c.data.holdout = 0.0             # > 0: this fraction of each labeled image (a band) is left
                                      # out of the supervised loss to calibrate the detector on
+    c.data.shard_unlabeled = False   # True: row j of the unlabeled batch draws only images i
+                                     # with i % train.unlabeled_batch == j, so each of N
+                                     # processes reads 1/N of the unlabeled pool
 
     # Intensity augmentation of every training crop, in units of the crop's own spread
     # (data.dataset.intensity_augment); 0 leaves a change out.

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from cellcount_jax import checkpoints
-from cellcount_jax.data.dataset import Dataset
+from cellcount_jax.data.dataset import Dataset, part_rows, striped
 
 STEPS = 30
 ARGS = ["--config=configs/quickstart.py:tiny", f"--config.train.steps={STEPS}",
@@ -90,6 +90,68 @@ def test_the_parts_of_a_batch_are_the_batch_of_one_process():
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
 
 
+def test_a_striped_pool_draws_each_row_from_its_stripe_and_splits_by_process():
+    rng = np.random.default_rng(1)
+    labeled = [rng.random((20, 20, 1)).astype(np.float32) for _ in range(2)]
+    # unlabeled image i is the constant i, so a crop tells which image it came from
+    pool = [np.full((18 + i % 3, 22, 1), float(i), np.float32) for i in range(10)]
+    ds = lambda images: Dataset(labeled, [np.zeros((0, 2))] * 2, [im[..., 0] for im in labeled],
+                                images, stripes=4)
+    full = ds(pool)
+    seen = set()
+    for step in range(40):
+        rows = full.sample(np.random.default_rng([0, step]), (16, 16), 4, 4)["unlabeled"]
+        for j, row in enumerate(rows):
+            assert row.min() == row.max() and int(row[0, 0, 0]) % 4 == j
+            seen.add(int(row[0, 0, 0]))
+        for count in (2, 4):
+            parts = []
+            for index in range(count):
+                keep = striped(len(pool), 4, part_rows(4, (index, count)))
+                assert sum(keep) == ((6, 4) if count == 2 else (3, 3, 2, 2))[index]
+                local = ds([im if k else None for im, k in zip(pool, keep)])
+                parts.append(local.sample(np.random.default_rng([0, step]), (16, 16), 4, 4,
+                                          (index, count))["unlabeled"])
+            np.testing.assert_array_equal(np.concatenate(parts), rows)
+    assert seen == set(range(10))
+
+
+def test_a_folder_reads_only_the_unlabeled_images_of_its_stripes(tmp_path):
+    import tifffile
+    from conftest import load_config
+    from cellcount_jax.data import _folder
+    (tmp_path / "images").mkdir()
+    (tmp_path / "dots").mkdir()
+    for i in range(6):
+        path = tmp_path / "images" / f"im{i}.tif"
+        if i < 2:
+            (tmp_path / "dots" / f"im{i}.csv").write_text("y,x\n5,5\n")
+        if i in (3, 5):  # unlabeled images 1 and 3: stripe 1 of 2, not read by stripe 0
+            path.write_bytes(b"not a tiff")
+        else:
+            tifffile.imwrite(path, np.full((16, 16), i, np.uint16))
+    cfg = load_config("folder2d").data
+    cfg.images, cfg.annotations = str(tmp_path / "images"), str(tmp_path / "dots")
+    labeled, unlabeled, _ = _folder(cfg, lambda n: striped(n, 2, (0, 1)))
+    assert labeled.names == ["im0", "im1"] and unlabeled.names == ["im2", "im3", "im4", "im5"]
+    assert [None if im is None else int(im.max()) for im in unlabeled.images] == [2, None, 4, None]
+
+
+def test_striped_channel_statistics_are_those_of_the_whole_pool():
+    from conftest import tiny_config
+    from cellcount_jax import data
+    c = tiny_config()
+    c.data.num_unlabeled = 5
+    c.data.shard_unlabeled = True
+    striped_load = data.load(c)
+    assert len(striped_load["train"].unlabeled) == 5 and striped_load["train"].stripes == 2
+    labeled, unlabeled, _ = data._synthetic(c.data)
+    pixels = np.concatenate([im.reshape(-1, 3) for im in labeled.images + unlabeled.images])
+    pixels = pixels.astype(np.float64)
+    np.testing.assert_allclose(striped_load["normaliser"].mean, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(striped_load["normaliser"].std, pixels.std(0) + 1e-6, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """An uninterrupted run of two processes (pmap): (workdir, outputs of each process)."""
@@ -98,13 +160,14 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["pmap", "shard_map"])
+@pytest.mark.parametrize("parallel,shard", [("pmap", False), ("shard_map", False),
+                                            ("pmap", True)])
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path, two_processes,
-                                                               parallel):
-    mode = [f"--config.train.parallel={parallel}"]
+                                                               parallel, shard):
+    mode = [f"--config.train.parallel={parallel}", f"--config.data.shard_unlabeled={shard}"]
     one = tmp_path / "one"
     _finish(_start(one, 1, 2, mode))
-    if parallel == "pmap":
+    if parallel == "pmap" and not shard:
         two, outs = two_processes
     else:
         two = tmp_path / "two"
@@ -122,6 +185,8 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, two_pro
     assert files(two) == files(one)
     assert not [r for r, _, _ in os.walk(two) if "process_1" in r]
     assert len((two / "metrics.jsonl").read_text().splitlines()) == STEPS // 10
+    if shard:  # each process read one of the two unlabeled images
+        assert "(striped: 1 read by this process)" in outs[0][0]
 
 
 @pytest.mark.slow

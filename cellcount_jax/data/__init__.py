@@ -1,9 +1,10 @@
 """Datasets: splits of labeled, unlabeled and held-out images, ready for training.
 
-`load(config)` returns {'train': Dataset, 'test': Split or None, 'spacing': tuple,
+`load(config[, part])` returns {'train': Dataset, 'test': Split or None, 'spacing': tuple,
 'normaliser': Normaliser, 'calibration': Split, 'summary': str}. Sources
 (`config.data.source`): 'synthetic' (embedded generator), 'vgg' (VGG cells, the paper's
-split), 'folder' (your own images with dot CSVs or label masks).
+split), 'folder' (your own images with dot CSVs or label masks). Each source reads only the
+unlabeled images a process needs where the pool is striped (`config.data.shard_unlabeled`).
 """
 import dataclasses
 import os
@@ -14,7 +15,9 @@ import numpy as np
 from scipy import ndimage
 
 from cellcount_jax.data import io
-from cellcount_jax.data.dataset import Dataset, check_dots, make_targets, pad_dots
+from cellcount_jax import distributed
+from cellcount_jax.data.dataset import (Dataset, check_dots, make_targets, pad_dots, part_rows,
+                                        striped)
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
 from cellcount_jax.errors import InputError
 from cellcount_jax.normalise import Normaliser
@@ -35,11 +38,16 @@ class Split:
         return None if self.rois is None else self.rois[i]
 
 
-def _synthetic(cfg):
+def _all(count):
+    return [True] * count
+
+
+def _synthetic(cfg, keep=_all):
     kwargs = dict(shape=tuple(cfg.shape), num_cells=tuple(cfg.num_cells), radius=cfg.radius,
                   spacing=tuple(cfg.spacing), channels=cfg.channels)
     images, dots = synthetic_set(cfg.seed, cfg.num_labeled, **kwargs)
-    unlabeled, _ = synthetic_set(cfg.seed + 1, cfg.num_unlabeled, **kwargs)
+    unlabeled, _ = synthetic_set(cfg.seed + 1, cfg.num_unlabeled, keep(cfg.num_unlabeled),
+                                 **kwargs)
     test_images, test_dots = synthetic_set(cfg.seed + 2, cfg.num_test, **kwargs)
     names = lambda p, n: [f"{p}{i:03d}" for i in range(n)]
     return (Split(images, dots, names("train", len(images))),
@@ -59,7 +67,7 @@ def vgg_split(seed: int = 5455, labeled: int = 8, pool: int = 100):
     return ind[:labeled], ind[labeled:pool], ind[pool:]
 
 
-def _vgg(cfg):
+def _vgg(cfg, keep=_all):
     path = cfg.path
     if not os.path.isdir(path):
         raise InputError(f"config.data.path: VGG cells folder {path!r} not found")
@@ -68,7 +76,8 @@ def _vgg(cfg):
     dots = lambda i: io.dots_from_red_pixels(os.path.join(path, f"{i + 1:03d}dots.png"))
     name = lambda i: f"{i + 1:03d}cell"
     return (Split([read(i) for i in lab], [dots(i) for i in lab], [name(i) for i in lab]),
-            Split([read(i) for i in unl], [None] * len(unl), [name(i) for i in unl]),
+            Split([read(i) if k else None for i, k in zip(unl, keep(len(unl)))],
+                  [None] * len(unl), [name(i) for i in unl]),
             Split([read(i) for i in test], [dots(i) for i in test], [name(i) for i in test]))
 
 
@@ -115,14 +124,15 @@ def _files_by_stem(folder: str, stems, what: str):
 
 
 def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None,
-                roi_dir: str = ""):
+                roi_dir: str = "", skip=()):
     """Images of a folder and their annotations, matched by file stem.
 
     An annotation is `<stem>.csv` (dots, header naming the axes) or `<stem>.tif|.tiff|.png`
     (a label or binary mask, turned into dots by component centroids). Images without one are
     unlabeled. `roi_dir`: optional regions of interest of annotated images (`io.read_roi`:
     boxes or a mask per stem); an annotation then covers its region only, and an image without
-    one is annotated everywhere. Returns a Split (dots None where unlabeled).
+    one is annotated everywhere. Returns a Split (dots None where unlabeled). Images of
+    stems in `skip` (unlabeled ones) are not read: None in the Split.
     """
     files = io.list_images(images_dir)
     if not files:
@@ -137,6 +147,12 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None,
     images, dots, names, rois = [], [], [], []
     for f, stem in zip(files, stems):
         path = os.path.join(images_dir, f)
+        if stem in skip and stem not in ann:
+            images.append(None)
+            dots.append(None)
+            names.append(stem)
+            rois.append(None)
+            continue
         image = io.read_image(path, ndim, channels)
         d = read_annotation(ann[stem], image.shape[:-1], path) if stem in ann else None
         r = io.read_roi(roi[stem], image.shape[:-1]) if stem in roi else None
@@ -152,15 +168,22 @@ def read_folder(images_dir: str, annotations_dir: str, ndim: int, channels=None,
         dots.append(d)
         names.append(stem)
         rois.append(r)
-    if channels is None and len({im.shape[-1] for im in images}) > 1:
+    if channels is None and len({im.shape[-1] for im in images if im is not None}) > 1:
         raise InputError(f"{images_dir}: images have different channel counts")
     return Split(images, dots, names, rois if roi else None)
 
 
-def _folder(cfg):
-    split = read_folder(cfg.images, cfg.annotations, cfg.ndim, cfg.get("channels_expected"),
-                        cfg.get("roi", ""))
+def _folder(cfg, keep=_all):
     test_names = set(cfg.test_names)
+    skip = ()
+    if keep is not _all:  # the unlabeled images (no annotation file, not held out) in order
+        stems = [os.path.splitext(f)[0] for f in io.list_images(cfg.images)]
+        annotated = (set(_files_by_stem(cfg.annotations, stems, "annotation"))
+                     if cfg.annotations else set())
+        pool = [n for n in stems if n not in annotated and n not in test_names]
+        skip = {n for n, k in zip(pool, keep(len(pool))) if not k}
+    split = read_folder(cfg.images, cfg.annotations, cfg.ndim, cfg.get("channels_expected"),
+                        cfg.get("roi", ""), skip)
     missing = test_names - set(split.names)
     if missing:
         raise InputError(f"config.data.test_names: {sorted(missing)} not in {cfg.images}")
@@ -189,7 +212,7 @@ def _folder(cfg):
 def summary(labeled: Split, unlabeled: Split, test: Optional[Split], spacing) -> str:
     """What a run trains and tests on, in a few lines: counts, sizes, channels, dots."""
     def sizes(split):
-        shapes = sorted({im.shape[:-1] for im in split.images})
+        shapes = sorted({im.shape[:-1] for im in split.images if im is not None})
         text = " ".join("x".join(map(str, s)) for s in shapes[:3])
         return text + (f" (+{len(shapes) - 3} more sizes)" if len(shapes) > 3 else "")
 
@@ -203,6 +226,9 @@ def summary(labeled: Split, unlabeled: Split, test: Optional[Split], spacing) ->
              f"  labeled    {len(labeled.images):4d} images, {sizes(labeled)}{dots(labeled)}",
              f"  unlabeled  {len(unlabeled.images):4d} images"
              + (f", {sizes(unlabeled)}" if unlabeled.images else "")]
+    held = sum(im is not None for im in unlabeled.images)
+    if held < len(unlabeled.images):
+        lines[-1] += f" (striped: {held} read by this process)"
     lines.append(f"  test       {len(test.images):4d} images, {sizes(test)}{dots(test)}"
                  if test is not None else "  test          none (no held-out scores)")
     return "\n".join(lines)
@@ -221,17 +247,27 @@ def _intensity(config):
     return ranges if any(ranges.values()) else None
 
 
-def load(config):
+def load(config, part=(0, 1)):
     """Reads, normalises and prepares config.data: {'train': Dataset, 'test': Split or None,
     'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'calibration':
     Split of the images (and regions) the detector is calibrated on, 'summary': str}.
     Test images are normalised like training images; the test split is None when a folder
-    source names none."""
+    source names none.
+
+    config.data.shard_unlabeled: the unlabeled pool is split into config.train.unlabeled_batch
+    stripes (`Dataset.stripes`) and process part = (index, count) reads only the stripes of its
+    rows of the unlabeled batch, 1/count of the pool (None in `train.unlabeled` elsewhere);
+    'channel_stats' statistics are then combined across processes, the same for any count."""
     cfg = config.data
     sources = {"synthetic": _synthetic, "vgg": _vgg, "folder": _folder}
     if cfg.source not in sources:
         raise InputError(f"config.data.source must be one of {sorted(sources)}, got {cfg.source!r}")
-    labeled, unlabeled, test = sources[cfg.source](cfg)
+    stripes = _stripes(config)
+    if stripes:
+        rows = part_rows(stripes, part)
+        labeled, unlabeled, test = sources[cfg.source](cfg, lambda n: striped(n, stripes, rows))
+    else:
+        labeled, unlabeled, test = sources[cfg.source](cfg)
     if not labeled.images:
         raise InputError(f"config.data: no labeled training images ({cfg.source})")
     spacing = tuple(float(s) for s in cfg.spacing)
@@ -239,10 +275,14 @@ def load(config):
         raise InputError(f"config.data.spacing {spacing} has {len(spacing)} axes, the images "
                          f"{labeled.images[0].ndim - 1}")
     text = summary(labeled, unlabeled, test, spacing)
-    normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images,
-                                cfg.get("percentiles", (1.0, 99.8)))
+    if stripes and cfg.normalise == "channel_stats":
+        normaliser = Normaliser("channel_stats", *_pool_channel_stats(labeled.images,
+                                                                      unlabeled.images))
+    else:
+        normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images,
+                                    cfg.get("percentiles", (1.0, 99.8)))
     for s in (labeled, unlabeled) + ((test,) if test is not None else ()):
-        s.images = [normaliser.image(im) for im in s.images]
+        s.images = [None if im is None else normaliser.image(im) for im in s.images]
     intensity = _intensity(config)
     text += f"\n  normalisation {normaliser.mode}" + (
         ", intensity augmentation " + ", ".join(f"{k} {v:g}" for k, v in intensity.items())
@@ -259,9 +299,42 @@ def load(config):
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
                     rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
-                    intensity=intensity, names=labeled.names, masks=masks)
+                    intensity=intensity, names=labeled.names, masks=masks, stripes=stripes)
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
             "calibration": calibration, "summary": text}
+
+
+def _stripes(config) -> int:
+    """The unlabeled batch size where the unlabeled pool is striped (0: not striped)."""
+    if not config.data.get("shard_unlabeled", False):
+        return 0
+    stripes = int(config.train.unlabeled_batch) if config.ssl.enabled else 0
+    if stripes <= 0:
+        raise InputError("config.data.shard_unlabeled needs self-supervised training "
+                         "(config.ssl.enabled) with config.train.unlabeled_batch > 0")
+    return stripes
+
+
+def _pool_channel_stats(labeled, unlabeled):
+    """Per-channel (mean, std + 1e-6) of labeled + unlabeled images where each process holds
+    only some unlabeled images (None for the others): per-image float64 sums, exchanged across
+    processes and added in image order, so that every process and layout gets the same
+    numbers."""
+    channels = labeled[0].shape[-1]
+
+    def sums(images):
+        out = np.zeros((len(images), 3, channels))
+        for i, im in enumerate(images):
+            if im is not None:
+                x = np.asarray(im, np.float64).reshape(-1, channels)
+                out[i, 0], out[i, 1], out[i, 2] = len(x), x.sum(0), (x * x).sum(0)
+        return out
+
+    pool = distributed.gather_exact(sums(unlabeled)).sum(0)  # one process holds each image
+    n, total, squares = np.concatenate([sums(labeled), pool]).sum(0)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
+    return (tuple(np.float32(mean).tolist()), tuple((np.float32(std) + np.float32(1e-6)).tolist()))
 
 
 def holdout_band(roi: np.ndarray, fraction: float, rng: np.random.Generator):

@@ -130,6 +130,16 @@ def intensity_augment(rng: np.random.Generator, x: np.ndarray, brightness: float
                                                noise))
 
 
+def striped(count: int, stripes: int, rows) -> List[bool]:
+    """Which of `count` unlabeled images the given rows of a striped batch of `stripes` rows
+    (`Dataset.stripes`) can draw: image i belongs to stripe i % stripes."""
+    if count < stripes:
+        raise InputError(f"a striped unlabeled pool needs at least one image per row of the "
+                         f"unlabeled batch ({stripes}), got {count} images")
+    wanted = {j % stripes for j in range(*rows)}
+    return [i % stripes in wanted for i in range(count)]
+
+
 def part_rows(size: int, part=(0, 1)):
     """(start, stop): the rows of a global batch of `size` that part `index` of `count`
     (a process of a multi-process job) makes."""
@@ -154,6 +164,10 @@ class Dataset:
     all of them); every labeled crop of a masked image then contains at least one such pixel
     (drawn uniformly among the mask's pixels, so crops favour the region and its edges over a
     uniform draw) and the batch carries the crops of the masks as 'mask'.
+    stripes: 0, or the unlabeled batch size S of a pool split into stripes: row j of the
+    unlabeled batch then draws only from the images i with i % S == j % S, so that a process
+    needs only the stripes of its rows (`striped_rows`); `unlabeled` may hold None for the
+    images of other stripes.
     """
     images: List[np.ndarray]
     dots: List[np.ndarray]
@@ -164,6 +178,7 @@ class Dataset:
     intensity: Optional[dict] = None
     names: Optional[List[str]] = None
     masks: Optional[List[Optional[np.ndarray]]] = None
+    stripes: int = 0
 
     def __post_init__(self):
         # Flat indices of each mask's pixels, to draw crop anchors from.
@@ -211,6 +226,9 @@ class Dataset:
             if not self.unlabeled:
                 raise InputError("unlabeled_batch > 0 but the unlabeled pool is empty")
             lo, hi = part_rows(unlabeled_batch, part)
+            if self.stripes:
+                out["unlabeled"] = self._striped(rng, crop, unlabeled_batch, lo, hi)
+                return out
             idx = rng.integers(len(self.unlabeled), size=unlabeled_batch)
             draws = [_draw_crop(rng, self.unlabeled[i].shape[:self.ndim], crop, self.rotate)
                      for i in idx]
@@ -219,6 +237,33 @@ class Dataset:
                 self._finish(_apply_crop([self.unlabeled[idx[k]]], crop, draws[k])[0],
                              finishes[k]) for k in range(lo, hi)])
         return out
+
+    def _striped(self, rng, crop, size, lo, hi):
+        """Rows lo..hi of a striped unlabeled batch of `size`. The draws do not depend on the
+        images (crop starts as fractions of the free range), so they are the same in every
+        process whichever stripes it holds."""
+        if size != self.stripes:
+            raise InputError(f"the unlabeled pool is split into {self.stripes} stripes, one "
+                             f"per row of the unlabeled batch, which has {size} rows")
+        n, ndim = len(self.unlabeled), self.ndim
+        position = rng.random(size)
+        start = rng.random((size, ndim))
+        flips = rng.random((size, ndim)) < 0.5
+        rot = rng.random(size) < 0.5
+        shape = tuple(crop) + (self.images[0].shape[-1],)
+        finishes = [self._draw_finish(rng, shape) for _ in range(size)]
+        rows = []
+        for j in range(lo, hi):
+            members = range(j % size, n, size)
+            image = self.unlabeled[members[int(position[j] * len(members))]]
+            free = np.asarray(image.shape[:ndim]) - np.asarray(crop) + 1
+            if (free < 1).any():
+                raise InputError(f"crop {tuple(crop)} is larger than an unlabeled image of "
+                                 f"shape {image.shape[:ndim]}")
+            draw = ((start[j] * free).astype(int).tolist(), list(flips[j]),
+                    bool(self.rotate and crop[-1] == crop[-2] and rot[j]))
+            rows.append(self._finish(_apply_crop([image], crop, draw)[0], finishes[j]))
+        return np.stack(rows)
 
     def _draw_finish(self, rng, shape):
         return _draw_intensity(rng, shape, **self.intensity) if self.intensity else {}

@@ -101,8 +101,10 @@ def synthetic_image(seed: int, shape: Sequence[int] = (128, 128), num_cells=(40,
     return np.clip(image, 0, 1).astype(np.float32), centres.astype(np.float32)
 
 
-def synthetic_set(seed: int, count: int, **kwargs):
-    """`count` images from seeds derived from `seed`: lists of images and of dot arrays."""
-    pairs = [synthetic_image(int(s), **kwargs)
-             for s in np.random.SeedSequence(seed).generate_state(count)]
+def synthetic_set(seed: int, count: int, keep=None, **kwargs):
+    """`count` images from seeds derived from `seed`: lists of images and of dot arrays.
+    keep: None, or per image whether to make it (None in both lists where not)."""
+    keep = [True] * count if keep is None else keep
+    pairs = [synthetic_image(int(s), **kwargs) if k else (None, None)
+             for s, k in zip(np.random.SeedSequence(seed).generate_state(count), keep)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
