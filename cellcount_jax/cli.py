@@ -158,6 +158,11 @@ def run(command: str):
     """Runs one command with the parsed flags."""
     from cellcount_jax import distributed, predict, train  # after flag parsing: fast --help
 
+    asked = [f"--{k}" for k in ("distributed", "coordinator", "num_processes", "process_id")
+             if FLAGS[k].present]
+    if command == "predict" and asked:
+        raise InputError(f"{', '.join(asked)}: go with train and evaluate; predict spreads its "
+                         f"tiles with --workers or --scheduler (Dask)")
     if command in ("train", "evaluate") and distributed.initialize(
             FLAGS.distributed, FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id):
         if not distributed.is_lead():  # process 0 speaks for the job

@@ -46,7 +46,8 @@ def initialize(enabled: bool = False, coordinator: str = "", num_processes=None,
     try:
         jax.distributed.initialize(coordinator or None, num_processes, process_id)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines()[0].rstrip(".") if str(e).strip()
+                 else type(e).__name__)
         raise InputError(f"jax.distributed did not start: {first}. Outside a TPU pod, SLURM or "
                          f"Open MPI give --coordinator=HOST:PORT (process 0's address), "
                          f"--num_processes and --process_id") from e

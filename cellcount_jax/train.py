@@ -435,7 +435,7 @@ def evaluate_workdir(workdir: str):
     `config.json` (no config argument)."""
     config = model_folder.read_config(workdir)
     log("loading data")
-    splits = data.load(config)
+    splits = data.load(config, distributed.part())
     log(splits["summary"])
     predictor = model_folder.load_model(workdir)
     log(f"model of step {predictor.step}")

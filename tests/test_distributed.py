@@ -16,9 +16,10 @@ from conftest import ROOT
 from cellcount_jax import checkpoints
 from cellcount_jax.data.dataset import Dataset, part_rows, striped
 
-STEPS = 30
+# Long enough that a signal sent when the first periodic checkpoint appears lands mid-run.
+STEPS, EVERY = 100, 20
 ARGS = ["--config=configs/quickstart.py:tiny", f"--config.train.steps={STEPS}",
-        "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
+        f"--config.train.checkpoint_every={EVERY}", f"--config.train.log_every={EVERY}"]
 
 
 def _free_port():
@@ -184,7 +185,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, two_pro
                              for f in fs if "checkpoints" not in r and "tensorboard" not in r)
     assert files(two) == files(one)
     assert not [r for r, _, _ in os.walk(two) if "process_1" in r]
-    assert len((two / "metrics.jsonl").read_text().splitlines()) == STEPS // 10
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == STEPS // EVERY
     if shard:  # each process read one of the two unlabeled images
         assert "(striped: 1 read by this process)" in outs[0][0]
 
@@ -193,7 +194,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, two_pro
 def test_killed_processes_resume_to_the_uninterrupted_result(tmp_path, two_processes):
     killed = tmp_path / "killed"
     procs = _start(killed)
-    _wait_for_checkpoint(killed, 10, procs)
+    _wait_for_checkpoint(killed, EVERY, procs)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
@@ -211,12 +212,12 @@ def test_sigterm_saves_and_every_process_exits_cleanly(tmp_path, two_processes, 
     devices = 2 // processes
     stopped = tmp_path / "stopped"
     procs = _start(stopped, processes, devices)
-    _wait_for_checkpoint(stopped, 10, procs)
+    _wait_for_checkpoint(stopped, EVERY, procs)
     procs[-1].send_signal(signal.SIGTERM)
     outs = _finish(procs)
     assert "asked to stop" in outs[0][0], outs[0][0][-1000:]
     saved = checkpoints.restore_params(str(stopped))[0]
-    assert 10 <= saved < STEPS
+    assert EVERY <= saved < STEPS
     assert not (stopped / "eval.json").exists()
     outs = _finish(_start(stopped, processes, devices))
     assert f"resumed from step {saved}" in outs[0][0]

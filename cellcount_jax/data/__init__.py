@@ -276,8 +276,8 @@ def load(config, part=(0, 1)):
                          f"{labeled.images[0].ndim - 1}")
     text = summary(labeled, unlabeled, test, spacing)
     if stripes and cfg.normalise == "channel_stats":
-        normaliser = Normaliser("channel_stats", *_pool_channel_stats(labeled.images,
-                                                                      unlabeled.images))
+        normaliser = Normaliser("channel_stats", *_pool_channel_stats(
+            labeled.images, unlabeled.images, across_processes=part[1] > 1))
     else:
         normaliser = Normaliser.fit(cfg.normalise, labeled.images + unlabeled.images,
                                     cfg.get("percentiles", (1.0, 99.8)))
@@ -315,11 +315,11 @@ def _stripes(config) -> int:
     return stripes
 
 
-def _pool_channel_stats(labeled, unlabeled):
+def _pool_channel_stats(labeled, unlabeled, across_processes: bool):
     """Per-channel (mean, std + 1e-6) of labeled + unlabeled images where each process holds
     only some unlabeled images (None for the others): per-image float64 sums, exchanged across
-    processes and added in image order, so that every process and layout gets the same
-    numbers."""
+    processes (`across_processes`) and added in image order, so that every process and layout
+    gets the same numbers."""
     channels = labeled[0].shape[-1]
 
     def sums(images):
@@ -330,7 +330,9 @@ def _pool_channel_stats(labeled, unlabeled):
                 out[i, 0], out[i, 1], out[i, 2] = len(x), x.sum(0), (x * x).sum(0)
         return out
 
-    pool = distributed.gather_exact(sums(unlabeled)).sum(0)  # one process holds each image
+    pool = sums(unlabeled)
+    if across_processes:  # one process holds each image: the others add zeros
+        pool = distributed.gather_exact(pool).sum(0)
     n, total, squares = np.concatenate([sums(labeled), pool]).sum(0)
     mean = total / n
     std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
