@@ -1,0 +1,125 @@
+"""The annotation tool's proposals (against known blob centres and a brute-force Otsu) and its
+edit store (every edit on disk, read back by the training reader)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cellcount_jax import annotation, proposals
+from cellcount_jax.data import io
+from cellcount_jax.errors import InputError
+
+
+def _blobs(shape, centres, sigma=1.5, noise=0.02, seed=0):
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
+    image = sum(np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * sigma ** 2))
+                for centre in centres)
+    return image + np.random.default_rng(seed).normal(0, noise, shape)
+
+
+def _matched(found, centres, tolerance):
+    d = np.linalg.norm(found[:, None] - np.asarray(centres)[None], axis=-1)
+    return len(found) == len(centres) and (d.min(0) < tolerance).all()
+
+
+def test_proposals_find_blobs_of_known_centres_2d_rgb_and_dark():
+    rng = np.random.default_rng(1)
+    centres = [(10 + 20 * i + rng.uniform(-2, 2), 12 + 18 * j + rng.uniform(-2, 2))
+               for i in range(4) for j in range(5)]
+    image = _blobs((96, 100), centres)
+    found = proposals.propose(image, 2, sigma=1.0)
+    assert _matched(found, centres, 0.3)
+    rgb = np.stack([0.2 * image, 0.5 * image, image], -1)
+    np.testing.assert_allclose(proposals.propose(rgb, 2, sigma=1.0), found, atol=0.05)
+    assert _matched(proposals.propose(1 - image, 2, sigma=1.0, bright=False), centres, 0.3)
+
+
+def test_3d_opening_splits_blobs_joined_by_a_thin_bridge():
+    centres = [(8.0, 10.0, 10.0), (8.0, 10.0, 24.0), (20.0, 22.0, 16.0)]
+    image = _blobs((28, 32, 34), centres, sigma=2.0, noise=0.0)
+    image[8, 10, 10:25] = 1.0  # a one-voxel line joining the first two
+    joined = proposals.propose(image, 3, sigma=0.0, opening=0)
+    assert len(joined) == 2
+    split = proposals.propose(image, 3, sigma=0.0, opening=1)
+    assert _matched(split, centres, 0.3)
+    assert len(proposals.propose(image, 3, sigma=0.0, opening=1, min_size=10 ** 6)) == 0
+
+
+def test_otsu_threshold_maximises_the_between_class_variance():
+    rng = np.random.default_rng(2)
+    values = np.concatenate([rng.normal(0.2, 0.05, 4000), rng.normal(0.7, 0.1, 1000)])
+
+    def between(t):
+        low, high = values[values <= t], values[values > t]
+        return len(low) * len(high) * (low.mean() - high.mean()) ** 2 / len(values) ** 2
+
+    s = np.sort(values)
+    best = max(between(t) for t in (s[:-1] + s[1:])[::7] / 2)
+    t = proposals.otsu_threshold(values)
+    assert between(t) >= 0.999 * best and 0.3 < t < 0.55
+    try:
+        from skimage.filters import threshold_otsu
+    except ImportError:
+        return
+    assert abs(t - threshold_otsu(values)) < (values.max() - values.min()) / 256
+
+
+def test_every_edit_is_on_disk_and_undo_redo_replay_it(tmp_path):
+    path = str(tmp_path / "stack.csv")
+    clock = iter(np.arange(0, 1000, 10.0))
+    a = annotation.Annotation(path, (40, 300, 520), clock=lambda: next(clock))
+    assert a.grid == (2, 2, 3)
+    on_disk = lambda: io.read_dots_csv(path, 3)  # the reader training uses
+
+    first = a.add((1, 2.5, 3))
+    np.testing.assert_allclose(on_disk(), [[1, 2.5, 3]])
+    ids = a.accept([(5, 6, 7), (8, 9, 10)])
+    assert len(on_disk()) == 3
+    a.move(ids[0], (5, 60, 70))
+    a.delete(first)
+    np.testing.assert_allclose(on_disk(), [[5, 60, 70], [8, 9, 10]])
+    assert a.undo()  # the delete
+    assert a.undo()  # the move
+    np.testing.assert_allclose(on_disk(), [[1, 2.5, 3], [5, 6, 7], [8, 9, 10]])
+    assert a.undo()  # the whole accept, in one step
+    np.testing.assert_allclose(on_disk(), [[1, 2.5, 3]])
+    assert a.redo() and a.redo()
+    np.testing.assert_allclose(on_disk(), [[1, 2.5, 3], [5, 60, 70], [8, 9, 10]])
+    a.add((39, 299, 519))  # a new edit clears what could be redone
+    assert not a.redo()
+
+    a.review(a.region_of((39, 299, 519)))
+    assert a.progress()["reviewed"] == [[1, 1, 2]]
+    again = annotation.Annotation(path, (40, 300, 520))  # a restart continues
+    np.testing.assert_allclose(again.array(), a.array())
+    assert again.progress()["reviewed"] == [[1, 1, 2]] and again.seconds == a.seconds > 0
+    assert json.load(open(tmp_path / "stack.progress.json"))["edits"] == a.edits
+
+
+def test_bad_edits_are_refused_and_change_nothing(tmp_path):
+    path = str(tmp_path / "image.csv")
+    a = annotation.Annotation(path, (64, 64))
+    a.add((3, 4))
+    for bad in [(64, 1), (-0.6, 3), (np.nan, 2), (1, 2, 3)]:
+        with pytest.raises(InputError):
+            a.add(bad)
+    with pytest.raises(InputError, match="no dot with id 7"):
+        a.delete(7)
+    with pytest.raises(InputError):
+        a.review((1, 0))  # a 64x64 image is one grid cell
+    np.testing.assert_allclose(io.read_dots_csv(path, 2), [[3, 4]])
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "image.csv")
+    a = annotation.Annotation(path, (64, 64))
+    a.add((3, 4))
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        a.add((5, 6))
+    np.testing.assert_allclose(io.read_dots_csv(path, 2), [[3, 4]])
