@@ -123,3 +123,78 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         a.add((5, 6))
     np.testing.assert_allclose(io.read_dots_csv(path, 2), [[3, 4]])
+
+
+@pytest.fixture
+def server(tmp_path):
+    pytest.importorskip("flask")
+    import tifffile
+    from cellcount_jax import annotate
+    centres = [(6.0, 20.0, 30.0), (14.0, 40.0, 12.0), (20.0, 50.0, 50.0)]
+    stack = _blobs((24, 64, 72), centres, sigma=2.0, noise=0.0) * 3000 + 100
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack.astype(np.uint16))
+    points = tmp_path / "stack.csv"
+    app = annotate.create_app(str(path), str(points), 3)
+    return app.test_client(), str(points), centres, stack
+
+
+def test_the_server_edits_the_csv_and_serves_regions(server):
+    from PIL import Image
+    client, points, centres, stack = server
+    info = client.get("/api/info").get_json()
+    assert info["shape"] == [24, 64, 72] and info["channels"] == 1
+    r = client.post("/api/points", json={"coords": [6, 20, 30]})
+    assert r.status_code == 200 and r.get_json()["id"] == 0
+    np.testing.assert_allclose(io.read_dots_csv(points, 3), [[6, 20, 30]])
+    found = client.post("/api/propose", json={"box": [[0, 0, 0], [24, 64, 72]], "sigma": 1.0,
+                                              "opening": 1}).get_json()["points"]
+    assert _matched(np.asarray(found), centres, 0.5)
+    r = client.post("/api/accept", json={"points": found[1:]}).get_json()
+    assert len(io.read_dots_csv(points, 3)) == 3 and r["ids"] == [1, 2]
+    client.put("/api/points/1", json={"coords": [15, 41, 13]})
+    client.delete("/api/points/0")
+    assert len(io.read_dots_csv(points, 3)) == 2
+    assert client.post("/api/undo").get_json()["done"]
+    assert len(io.read_dots_csv(points, 3)) == 3
+    assert client.post("/api/redo").get_json()["done"]
+    assert len(client.get("/api/points").get_json()["points"]) == 2
+    review = client.post("/api/review", json={"region": [0, 0, 0]}).get_json()
+    assert review["progress"]["reviewed"] == [[0, 0, 0]]
+    png = client.get("/api/view?z=6&y0=8&y1=40&x0=16&x1=48&step=2")
+    assert png.status_code == 200 and png.headers["Content-Type"] == "image/png"
+    view = np.asarray(Image.open(_bytes(png.data))).astype(float)
+    (lo,), (hi,) = info["display"]
+    blocks = stack[6, 8:40, 16:48].reshape(16, 2, 16, 2).mean((1, 3))
+    expected = np.clip((blocks - lo) / (hi - lo), 0, 1) * 255
+    assert view.shape == (16, 16) and np.abs(view - expected).max() <= 1.0
+    assert 0 < (view == 255).sum() < view.size  # a blob, clipped at the display range
+
+
+def _bytes(data):
+    import io as _io
+    return _io.BytesIO(data)
+
+
+def test_the_server_refuses_bad_requests_and_serves_no_other_file(server):
+    client, points, _, _ = server
+    for method, url, body in [
+            ("post", "/api/points", {"coords": [99, 0, 0]}),          # outside the stack
+            ("post", "/api/points", {"where": [1, 2, 3]}),            # no coords
+            ("post", "/api/points", None),                            # no JSON
+            ("put", "/api/points/42", {"coords": [1, 1, 1]}),         # no such dot
+            ("get", "/api/view?z=99", None),                           # no such slice
+            ("get", "/api/view?z=1&step=x", None),                     # not a number
+            ("get", "/api/view?y0=3", None),                           # 3D needs z
+            ("post", "/api/propose", {"box": [[0, 0], [5, 5]]}),       # 2 axes for 3D
+            ("post", "/api/review", {"region": [9, 9, 9]}),            # not a grid cell
+            ("get", "/../../etc/passwd", None),
+            ("get", "/api/..%2F..%2Fetc%2Fpasswd", None),
+            ("get", "/static/../../etc/passwd", None),
+            ("delete", "/api/points/abc", None)]:
+        r = getattr(client, method)(url, json=body) if body is not None else \
+            getattr(client, method)(url)
+        assert 400 <= r.status_code < 500, (method, url, r.status_code)
+        assert r.is_json and r.get_json()["error"], (method, url)
+        assert b"root:" not in r.data
+    assert not os.path.exists(points)  # nothing was written
