@@ -1,6 +1,8 @@
-"""The annotation server: a small Flask application over one image and its dots CSV.
+"""The annotation server: a small Flask application over one image and its dots CSV, and the
+page (`static/annotate/`: plain HTML, CSS and JavaScript shipped with the package).
 
-`create_app(image, points, ndim)` serves, for that image only (no request names a file):
+`create_app(image, points, ndim)` serves the page at `/` and, for that image only (no request
+names a file):
 
     GET    /api/info                 shape, channels, display range, grid, progress
     GET    /api/points               every dot {id, coords}, and the progress
@@ -20,6 +22,8 @@ Every edit is on disk before its answer (`annotation.Annotation`). A malformed r
 a 4xx answer {"error": message}.
 """
 import io as _io
+import os
+import threading
 
 import numpy as np
 from PIL import Image
@@ -30,11 +34,29 @@ from cellcount_jax.errors import InputError
 MAX_VIEW = 4096 * 4096      # pixels of a region read for one view
 MAX_PROPOSE = 2 ** 26       # voxels of a box proposals run on
 SAMPLE_PLANES = 16          # planes read to set the display range of a stack
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "annotate")
+
+
+def guess_ndim(path: str) -> int:
+    """2 for a PNG/JPEG or a TIFF of (y, x) or (y, x, 3|4); 3 for a folder of planes, a zarr,
+    or a TIFF of (z, y, x) or (z, y, x, c)."""
+    if os.path.isdir(path) and not path.rstrip("/").endswith(".zarr"):
+        return 3
+    if path.lower().endswith((".tif", ".tiff")):
+        import tifffile
+        try:
+            with tifffile.TiffFile(path) as t:
+                shape = t.series[0].shape
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise InputError(f"{path}: not a readable TIFF ({e})") from e
+        return 2 if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4)) else 3
+    return 3 if path.rstrip("/").endswith(".zarr") else 2
 
 
 def display_range(volume, low=0.5, high=99.8):
-    """Per-channel (lo, hi) display range from up to SAMPLE_PLANES evenly spaced planes (all
-    of a 2D image): a stack opens without being read whole."""
+    """Per-channel (lo, hi) display range (one for all channels of an RGB image) from up to
+    SAMPLE_PLANES evenly spaced planes (all of a 2D image): a stack opens without being read
+    whole."""
     if volume.ndim == 2:
         sample = volume.read()
     else:
@@ -45,6 +67,8 @@ def display_range(volume, low=0.5, high=99.8):
                                  for z in zs])
     flat = sample.reshape(-1, volume.channels)
     lo, hi = np.percentile(flat, [low, high], axis=0)
+    if volume.channels in (3, 4):  # a colour image keeps its colours: one range for all
+        lo, hi = np.full_like(lo, lo.min()), np.full_like(hi, hi.max())
     return lo.tolist(), np.maximum(hi, lo + 1e-6).tolist()
 
 
@@ -82,7 +106,11 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
     volume = volumes.open_volume(image_path, ndim)
     dots = annotation.Annotation(points_path, volume.shape, grid)
     lo, hi = display_range(volume)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=STATIC, static_url_path="/static")
+
+    @app.get("/")
+    def page():
+        return app.send_static_file("index.html")
 
     @app.errorhandler(InputError)
     def bad_input(e):
@@ -91,6 +119,8 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
     @app.errorhandler(HTTPException)
     def http_error(e):
         return jsonify(error=e.description), e.code
+
+    lock = threading.Lock()  # views are read concurrently; edits happen one at a time
 
     def state():
         return {"points": [{"id": i, "coords": dots.points[i].tolist()}
@@ -106,35 +136,49 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
     def points():
         return jsonify(state())
 
+    def one_at_a_time(fn):
+        def locked(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+        locked.__name__ = fn.__name__
+        return locked
+
     @app.post("/api/points")
+    @one_at_a_time
     def add():
         dot_id = dots.add(_json(request, "coords")["coords"])
         return jsonify(id=dot_id, **state())
 
     @app.put("/api/points/<int:dot_id>")
+    @one_at_a_time
     def move(dot_id):
         dots.move(dot_id, _json(request, "coords")["coords"])
         return jsonify(state())
 
     @app.delete("/api/points/<int:dot_id>")
+    @one_at_a_time
     def delete(dot_id):
         dots.delete(dot_id)
         return jsonify(state())
 
     @app.post("/api/accept")
+    @one_at_a_time
     def accept():
         ids = dots.accept(_json(request, "points")["points"])
         return jsonify(ids=ids, **state())
 
     @app.post("/api/undo")
+    @one_at_a_time
     def undo():
         return jsonify(done=dots.undo(), **state())
 
     @app.post("/api/redo")
+    @one_at_a_time
     def redo():
         return jsonify(done=dots.redo(), **state())
 
     @app.post("/api/review")
+    @one_at_a_time
     def review():
         body = _json(request, "region")
         dots.review(body["region"], bool(body.get("done", True)))
@@ -198,3 +242,24 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
 
     app.config["annotation"] = dots
     return app
+
+
+def serve(image_path: str, points_path: str, ndim: int, host: str = "127.0.0.1",
+          port: int = 8765):
+    """Serves the page and the API until interrupted (Ctrl+C); prints the URL."""
+    import logging
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose "
+                             f"another --port") from e
+    app = create_app(image_path, points_path, ndim)
+    dots = app.config["annotation"]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    shown = "localhost" if host in ("127.0.0.1", "localhost") else host
+    print(f"annotating {image_path} ({'x'.join(map(str, dots.shape))}), dots in {points_path} "
+          f"({len(dots.points)} so far)\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
+          f"edit is already saved)", flush=True)
+    app.run(host=host, port=port, threaded=True)

@@ -8,6 +8,7 @@
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
                       [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
+    cellcount annotate IMAGE [--points=FILE.csv] [--port=N] [--host=ADDRESS] [--ndim=2|3]
 
 A config is a shipped one by name (`quickstart`, `vgg2d_cpu`, ...: the files of `configs/`)
 or a path to a Python file with `get_config()`. A model is a model folder (a training
@@ -26,7 +27,7 @@ from cellcount_jax import configs as shipped_configs
 from cellcount_jax import pretrained as shipped_models
 from cellcount_jax.errors import InputError
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "annotate")
 FLAGS = flags.FLAGS
 
 
@@ -128,6 +129,13 @@ def define_flags():
     flags.DEFINE_integer("num_processes", None, "train, evaluate: processes in the job.")
     flags.DEFINE_integer("process_id", None, "train, evaluate: this process's index, 0 to "
                          "num_processes - 1; process 0 prints and writes the model folder.")
+    flags.DEFINE_string("points", "", "annotate: the dots CSV to edit (default: beside the "
+                        "image, <image stem>.csv); created on the first edit.")
+    flags.DEFINE_integer("port", 8765, "annotate: the port of the page.")
+    flags.DEFINE_string("host", "127.0.0.1", "annotate: the address to serve on (default this "
+                        "machine only; reach it from elsewhere through an SSH tunnel).")
+    flags.DEFINE_integer("ndim", 0, "annotate: 2 (an image) or 3 (a stack); 0 guesses from the "
+                         "file.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks of input errors.")
 
 
@@ -160,14 +168,16 @@ def run(command: str):
 
     asked = [f"--{k}" for k in ("distributed", "coordinator", "num_processes", "process_id")
              if FLAGS[k].present]
-    if command == "predict" and asked:
-        raise InputError(f"{', '.join(asked)}: go with train and evaluate; predict spreads its "
-                         f"tiles with --workers or --scheduler (Dask)")
+    if command in ("predict", "annotate") and asked:
+        raise InputError(f"{', '.join(asked)}: go with train and evaluate (predict spreads its "
+                         f"tiles with --workers or --scheduler, on Dask)")
     if command in ("train", "evaluate") and distributed.initialize(
             FLAGS.distributed, FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id):
         if not distributed.is_lead():  # process 0 speaks for the job
             warnings.simplefilter("ignore")
             logging.set_verbosity(logging.ERROR)
+    if command == "annotate":
+        return _annotate()
     if command == "train":
         config = _train_config()
         workdir = FLAGS.workdir or os.path.join(
@@ -187,6 +197,25 @@ def run(command: str):
         workers=FLAGS.workers, scheduler=FLAGS.scheduler, tile=_numbers("tile", int),
         context=_numbers("context", int), spacing=_numbers("spacing", float),
         density=FLAGS.density, progress=FLAGS.progress)
+
+
+def _annotate():
+    from cellcount_jax import annotate
+
+    if not FLAGS.input:
+        raise InputError("annotate needs an image: cellcount annotate IMAGE")
+    if FLAGS.model:
+        raise InputError("--model: annotate proposes dots from the image (smoothing, Otsu's "
+                         "threshold, components); model proposals are not available yet")
+    path = FLAGS.input.rstrip("/")
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such image, stack or folder")
+    if FLAGS.ndim not in (0, 2, 3):
+        raise InputError(f"--ndim={FLAGS.ndim}: 2 or 3 (or 0 to guess)")
+    ndim = FLAGS.ndim or annotate.guess_ndim(path)
+    stem = path[:-len(".ome.tif")] if path.lower().endswith(".ome.tif") else (
+        os.path.splitext(path)[0])
+    return annotate.serve(path, FLAGS.points or stem + ".csv", ndim, FLAGS.host, FLAGS.port)
 
 
 def _numbers(name, kind):
@@ -253,6 +282,8 @@ def main(argv=None):
     command = argv.pop(1)
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
+    if command == "annotate" and len(argv) > 1 and not argv[1].startswith("-"):
+        argv[1] = "--input=" + argv[1]  # cellcount annotate IMAGE
     # config_flags reads sys.argv when its flag is defined: it gets the resolved arguments.
     sys.argv = _flag_errors(lambda: _resolve_config_flag(argv), argv)
     _flag_errors(define_flags, sys.argv)

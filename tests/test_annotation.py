@@ -198,3 +198,41 @@ def test_the_server_refuses_bad_requests_and_serves_no_other_file(server):
         assert r.is_json and r.get_json()["error"], (method, url)
         assert b"root:" not in r.data
     assert not os.path.exists(points)  # nothing was written
+
+
+def test_the_page_is_served_and_nothing_outside_it(server):
+    client = server[0]
+    page = client.get("/")
+    assert page.status_code == 200 and b"/static/app.js" in page.data
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    assert client.get("/static/../annotate.py").status_code == 404
+    assert client.get("/static/%2e%2e/annotate.py").status_code == 404
+
+
+def test_the_annotate_command_refuses_bad_input_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    image = tmp_path / "im.png"
+    from PIL import Image
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = [([str(tmp_path / "missing.tif")], "no such image"),
+             ([str(image), "--ndim=4"], "--ndim=4"),
+             ([str(image), f"--port={port}"], "choose another --port"),
+             ([str(image), "--model=somewhere"], "model proposals are not available"),
+             ([str(image), "--distributed"], "go with train and evaluate")]
+    try:
+        for args, message in cases:
+            out = subprocess.run([sys.executable, "-c", "from cellcount_jax.cli import main; main()",
+                                  "annotate", *args], capture_output=True, text=True,
+                                 cwd=str(tmp_path), timeout=120)
+            assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-500:])
+            assert out.stderr.count("\n") == 1
+    finally:
+        busy.close()
+    assert not (tmp_path / "im.csv").exists()
