@@ -192,9 +192,12 @@ class Parallel:
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
     def _local(self, tree):
-        """This process's copy of a replicated device tree (pmap: the first device's row)."""
-        first = (lambda a: a.addressable_data(0)[0]) if self.mode == "pmap" else (
-            lambda a: a.addressable_data(0))
+        """This process's copy of a replicated tree (pmap: the first device's row); the tree is
+        still the host copy from `put_state` when no step has run."""
+        def first(a):
+            if isinstance(a, jax.Array):
+                a = a.addressable_data(0)
+            return a[0] if self.mode == "pmap" else a
         return jax.tree.map(first, tree)
 
     def get_state(self, state):
