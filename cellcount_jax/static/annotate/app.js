@@ -133,8 +133,10 @@ function draw() {
   }
 }
 
-function shownProposals() {
-  return S.proposals.filter((c) => !is3d() || Math.round(c[0]) === S.z);
+function shownProposals() {  // on this slice and inside the view
+  const [lo, hi] = visibleBox(), n = lo.length;
+  return S.proposals.filter((c) => (!is3d() || Math.round(c[0]) === S.z) &&
+    c[n - 2] >= lo[n - 2] && c[n - 2] < hi[n - 2] && c[n - 1] >= lo[n - 1] && c[n - 1] < hi[n - 1]);
 }
 
 function gridCell(y, x) {
@@ -282,11 +284,11 @@ async function propose() {
   } catch (e) { /* shown */ }
 }
 
-function acceptShown() {
-  const shown = shownProposals();
-  if (!shown.length) return;
-  S.proposals = S.proposals.filter((c) => !shown.includes(c));
-  edit(api("POST", "/api/accept", { points: shown }), `accepted ${shown.length} proposals`);
+function acceptShown(all) {  // those drawn on this slice, or every proposal (all slices)
+  const chosen = all ? S.proposals : shownProposals();
+  if (!chosen.length) return;
+  S.proposals = S.proposals.filter((c) => !chosen.includes(c));
+  edit(api("POST", "/api/accept", { points: chosen }), `accepted ${chosen.length} proposals`);
 }
 
 function review() {
@@ -313,7 +315,7 @@ window.addEventListener("keydown", (ev) => {
   else if (k === "ArrowLeft") { S.ox -= pan; load(); }
   else if (k === "ArrowRight") { S.ox += pan; load(); }
   else if (k === "p" || k === "P") propose();
-  else if (k === "a" || k === "A") acceptShown();
+  else if (k === "a" || k === "A") acceptShown(ev.shiftKey);
   else if (k === "c" || k === "C") { S.proposals = []; draw(); }
   else if (k === "r" || k === "R") review();
   else if (k === "g" || k === "G") { $("grid").checked = !$("grid").checked; draw(); }
@@ -324,7 +326,8 @@ window.addEventListener("keydown", (ev) => {
 $("z").addEventListener("input", () => setZ(parseInt($("z").value, 10)));
 for (const id of ["near", "brightness", "contrast", "grid"]) $(id).addEventListener("input", draw);
 $("propose").onclick = propose;
-$("accept").onclick = acceptShown;
+$("accept").onclick = () => acceptShown(false);
+$("acceptall").onclick = () => acceptShown(true);
 $("clear").onclick = () => { S.proposals = []; draw(); };
 $("undo").onclick = () => edit(api("POST", "/api/undo"), "undo");
 $("redo").onclick = () => edit(api("POST", "/api/redo"), "redo");
