@@ -13,10 +13,13 @@ names a file):
     POST   /api/undo, /api/redo
     POST   /api/review               {"region": [...], "done": true|false}: a grid cell reviewed
     GET    /api/view?z=&y0=&y1=&x0=&x1=&step=   PNG of a region of a slice, every `step`-th
-                                     pixel block averaged (never the whole volume)
-    POST   /api/propose              {"box": [[lo...], [hi...]], "sigma", "threshold",
-                                     "opening", "min_size", "bright"}: candidate dots in a box
-                                     (`proposals.propose`), not saved
+                                     pixel block averaged (never the whole volume); `mip=1`
+                                     instead of z: of the maximum intensity projection over z
+    POST   /api/propose              {"box": [[lo...], [hi...]], "source": "detector" | "model"
+                                     | "both", "sigma", "threshold", "opening", "min_size",
+                                     "bright"}: candidate dots in a box, not saved: the
+                                     detector's (`proposals.propose`) and, with a model, its
+                                     detections (`ModelProposals`)
 
 Every edit is on disk before its answer (`annotation.Annotation`). A malformed request gets
 a 4xx answer {"error": message}.
@@ -33,6 +36,7 @@ from cellcount_jax.errors import InputError
 
 MAX_VIEW = 4096 * 4096      # pixels of a region read for one view
 MAX_PROPOSE = 2 ** 26       # voxels of a box proposals run on
+PROJECTION_CHUNK = 2 ** 24  # values read at a time while projecting a stack
 SAMPLE_PLANES = 16          # planes read to set the display range of a stack
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "annotate")
 
@@ -72,6 +76,118 @@ def display_range(volume, low=0.5, high=99.8):
     return lo.tolist(), np.maximum(hi, lo + 1e-6).tolist()
 
 
+class Projection:
+    """The maximum intensity projection over z of a stack (y, x, c), computed on first use, a
+    few planes at a time, and kept; with its own display range."""
+
+    def __init__(self, volume):
+        self.volume, self._lock, self._value = volume, threading.Lock(), None
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                v = self.volume
+                plane = int(np.prod(v.shape[1:])) * v.channels
+                k = max(1, PROJECTION_CHUNK // plane)
+                mip = np.full((*v.shape[1:], v.channels), -np.inf, np.float32)
+                for z in range(0, v.shape[0], k):
+                    box = ((z, min(z + k, v.shape[0])), (0, v.shape[1]), (0, v.shape[2]))
+                    np.maximum(mip, v.read(box).max(0), out=mip)
+                lo, hi = np.percentile(mip.reshape(-1, v.channels), [0.5, 99.8], axis=0)
+                if v.channels in (3, 4):
+                    lo, hi = np.full_like(lo, lo.min()), np.full_like(hi, hi.max())
+                self._value = mip, lo.tolist(), np.maximum(hi, lo + 1e-6).tolist()
+            return self._value
+
+
+class ModelProposals:
+    """A trained model's detections as proposals: the model's tiles over the whole image
+    (`Predictor.tiling`, one window shape, so one compilation), each predicted once when a box
+    first touches it and kept; normalised by the whole image's statistics, as `cellcount
+    predict` does. The statistics and the first tile (at the image's centre) are computed in
+    the background from the start. spacing: the image's, when it differs from the model's
+    (resampled to the model's grid; detections mapped back to the image's pixels)."""
+
+    def __init__(self, model_dir: str, volume, spacing=None):
+        from cellcount_jax import model_folder, tiling
+        self.predictor = p = model_folder.load_model(model_dir)
+        self.name = os.path.basename(os.path.normpath(model_dir))
+        if p.ndim != volume.ndim or p.record["channels"] != volume.channels:
+            raise InputError(f"--model={model_dir} takes {p.ndim}D images with "
+                             f"{p.record['channels']} channel(s); {volume.name} is "
+                             f"{volume.ndim}D with {volume.channels}")
+        if not p.calibrated:
+            raise InputError(f"--model={model_dir}: no calibrated detector (training did not "
+                             f"finish); run `cellcount evaluate --workdir={model_dir}`")
+        spacing = np.asarray(p.spacing if spacing is None else spacing, np.float64)
+        if spacing.shape != (p.ndim,) or np.any(spacing <= 0):
+            raise InputError(f"--spacing must be {p.ndim} positive values, got "
+                             f"{tuple(spacing)}")
+        self.zoom = spacing / np.asarray(p.spacing, np.float64)
+        self.grid_volume = (volume if np.allclose(self.zoom, 1)
+                            else tiling.Resampled(volume, self.zoom))
+        self.tiles = tiling.grid(self.grid_volume.shape, *p.tiling())
+        self.done = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._error = None
+        threading.Thread(target=self._prepare, daemon=True).start()
+
+    def _prepare(self):
+        try:
+            self.affine = self.predictor.normaliser.affine(self.grid_volume)
+            centre = [s // 2 for s in self.grid_volume.shape]
+            self._ready.set()
+            self._predict(self._touching(centre, [c + 1 for c in centre]))
+        except Exception as e:  # noqa: BLE001 - reported to the page on its next request
+            self._error = f"{type(e).__name__}: {e}"
+        finally:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _touching(self, lo, hi):
+        return [t for t in self.tiles if all(a < h and b > l for (a, b), l, h in
+                                             zip(t.core, lo, hi))]
+
+    def _predict(self, tiles):
+        from cellcount_jax import tiling
+        with self._lock:  # one network call at a time; a tile is predicted once
+            todo = [t for t in tiles if t.index not in self.done]
+            for r in tiling.predict_tiles(self.predictor, self.grid_volume, self.affine, todo):
+                self.done[r.tile.index] = r.pixels
+        return np.concatenate([self.done[t.index] for t in tiles] +
+                              [np.zeros((0, len(self.zoom)), np.float32)])
+
+    def propose(self, start, stop) -> np.ndarray:
+        """Detections (n, ndim) in image pixels inside the box [start, stop)."""
+        self._ready.wait()
+        if self._error:
+            raise InputError(f"the model could not predict this image ({self._error})")
+        lo = np.floor(np.asarray(start) * self.zoom).astype(int)
+        hi = np.ceil(np.asarray(stop) * self.zoom).astype(int)
+        pts = self._predict(self._touching(lo, hi)) / self.zoom
+        nearest = np.floor(pts + 0.5)
+        return pts[np.all((nearest >= start) & (nearest < stop), axis=1)]
+
+
+def _png(region, lo, hi, step):
+    """PNG bytes of a region (y, x, c): `step`-pixel blocks averaged, `lo`..`hi` to 0..255."""
+    h, w = region.shape[0] // step, region.shape[1] // step
+    if step > 1 and h and w:
+        region = region[:h * step, :w * step].reshape(h, step, w, step, -1).mean((1, 3))
+    scaled = (region - np.float32(lo)) / (np.float32(hi) - np.float32(lo))
+    pixels = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+    if pixels.ndim == 3 and pixels.shape[-1] == 2:
+        pixels = np.concatenate([pixels, np.zeros_like(pixels[..., :1])], -1)
+    out = _io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
 def _int(args, key, default=None, lo=None, hi=None):
     text = args.get(key)
     if text is None:
@@ -97,15 +213,19 @@ def _json(request, *keys):
     return body
 
 
-def create_app(image_path: str, points_path: str, ndim: int, grid=None):
+def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: str = None,
+               spacing=None):
     """The Flask application serving `image_path` (any `volumes.open_volume` input) and
-    editing the dots CSV `points_path` (created on the first edit)."""
+    editing the dots CSV `points_path` (created on the first edit); `model`: a model folder
+    whose detections are offered as proposals too (`ModelProposals`, with `spacing`)."""
     from flask import Flask, jsonify, request
     from werkzeug.exceptions import HTTPException
 
     volume = volumes.open_volume(image_path, ndim)
     dots = annotation.Annotation(points_path, volume.shape, grid)
     lo, hi = display_range(volume)
+    projection = Projection(volume) if volume.ndim == 3 else None
+    model = ModelProposals(model, volume, spacing) if model else None
     app = Flask(__name__, static_folder=STATIC, static_url_path="/static")
 
     @app.get("/")
@@ -130,7 +250,8 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
     def info():
         return jsonify(shape=list(volume.shape), ndim=volume.ndim, channels=volume.channels,
                        dtype=str(volume.dtype), name=volume.name, display=[lo, hi],
-                       points_file=points_path, progress=dots.progress())
+                       points_file=points_path, progress=dots.progress(),
+                       model=model and model.name, model_ready=bool(model and model.ready))
 
     @app.get("/api/points")
     def points():
@@ -197,21 +318,18 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
             raise InputError(f"a region of {(y1 - y0) * (x1 - x0)} pixels is larger than "
                              f"{MAX_VIEW}; view a part of it")
         box = ((y0, y1), (x0, x1))
-        if volume.ndim == 3:
-            z = _int(a, "z", None, 0, volume.shape[0] - 1)
-            box = ((z, z + 1),) + box
-        region = volume.read(box).reshape(y1 - y0, x1 - x0, volume.channels)
-        h, w = (y1 - y0) // step, (x1 - x0) // step
-        if step > 1 and h and w:
-            region = region[:h * step, :w * step].reshape(h, step, w, step, -1).mean((1, 3))
-        scaled = (region - np.float32(lo)) / (np.float32(hi) - np.float32(lo))
-        pixels = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
-        pixels = pixels[..., 0] if volume.channels == 1 else pixels[..., :3]
-        if pixels.ndim == 3 and pixels.shape[-1] == 2:
-            pixels = np.concatenate([pixels, np.zeros_like(pixels[..., :1])], -1)
-        out = _io.BytesIO()
-        Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
-        return out.getvalue(), 200, {"Content-Type": "image/png", "Cache-Control": "no-store"}
+        if a.get("mip") not in (None, "0"):
+            if projection is None:
+                raise InputError("a projection needs a 3D stack")
+            mip, mlo, mhi = projection.get()
+            png = _png(mip[y0:y1, x0:x1], mlo, mhi, step)
+        else:
+            if volume.ndim == 3:
+                z = _int(a, "z", None, 0, volume.shape[0] - 1)
+                box = ((z, z + 1),) + box
+            region = volume.read(box).reshape(y1 - y0, x1 - x0, volume.channels)
+            png = _png(region, lo, hi, step)
+        return png, 200, {"Content-Type": "image/png", "Cache-Control": "no-store"}
 
     @app.post("/api/propose")
     def propose():
@@ -229,23 +347,34 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None):
         if np.prod(stop - start) > MAX_PROPOSE:
             raise InputError(f"a box of {int(np.prod(stop - start))} voxels is larger than "
                              f"{MAX_PROPOSE}")
-        region = volume.read(tuple(zip(start.tolist(), stop.tolist())))
-        try:
-            found = proposals.propose(
-                region, volume.ndim, sigma=float(body.get("sigma", 1.0)),
-                threshold=None if body.get("threshold") is None else float(body["threshold"]),
-                opening=int(body.get("opening", 1)), min_size=int(body.get("min_size", 4)),
-                bright=bool(body.get("bright", True)))
-        except (TypeError, ValueError) as e:
-            raise InputError(f"bad proposal parameters ({e})") from e
-        return jsonify(points=(found + start).tolist())
+        source = body.get("source", "detector")
+        if source not in ("detector", "model", "both"):
+            raise InputError(f"source must be 'detector', 'model' or 'both', got {source!r}")
+        if source != "detector" and model is None:
+            raise InputError("no model: start with --model=WORKDIR for model proposals")
+        out = {}
+        if source != "model":
+            region = volume.read(tuple(zip(start.tolist(), stop.tolist())))
+            try:
+                found = proposals.propose(
+                    region, volume.ndim, sigma=float(body.get("sigma", 1.0)),
+                    threshold=(None if body.get("threshold") is None
+                               else float(body["threshold"])),
+                    opening=int(body.get("opening", 1)), min_size=int(body.get("min_size", 4)),
+                    bright=bool(body.get("bright", True)))
+            except (TypeError, ValueError) as e:
+                raise InputError(f"bad proposal parameters ({e})") from e
+            out["detector"] = (found + start).tolist()
+        if source != "detector":
+            out["model"] = model.propose(start, stop).tolist()
+        return jsonify(points=out)
 
     app.config["annotation"] = dots
     return app
 
 
 def serve(image_path: str, points_path: str, ndim: int, host: str = "127.0.0.1",
-          port: int = 8765):
+          port: int = 8765, model: str = None, spacing=None, grid=None):
     """Serves the page and the API until interrupted (Ctrl+C); prints the URL."""
     import logging
     import socket
@@ -255,11 +384,11 @@ def serve(image_path: str, points_path: str, ndim: int, host: str = "127.0.0.1",
         except OSError as e:
             raise InputError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose "
                              f"another --port") from e
-    app = create_app(image_path, points_path, ndim)
+    app = create_app(image_path, points_path, ndim, grid, model, spacing)
     dots = app.config["annotation"]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     shown = "localhost" if host in ("127.0.0.1", "localhost") else host
     print(f"annotating {image_path} ({'x'.join(map(str, dots.shape))}), dots in {points_path} "
-          f"({len(dots.points)} so far)\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
+          f"({len(dots.points)} so far){', proposals of ' + model if model else ''}\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
           f"edit is already saved)", flush=True)
     app.run(host=host, port=port, threaded=True)

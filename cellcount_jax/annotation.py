@@ -70,6 +70,9 @@ class Annotation:
             except (OSError, ValueError) as e:
                 raise InputError(f"{self.progress_path}: not a progress file ({e})") from e
         default = tuple(max(1, math.ceil(s / r)) for s, r in zip(self.shape, REGION[self.ndim]))
+        if grid is not None and progress.get("grid") and tuple(progress["grid"]) != tuple(grid):
+            raise InputError(f"{self.progress_path} was started with a grid of "
+                             f"{tuple(progress['grid'])} regions; give that grid or none")
         self.grid = tuple(int(g) for g in (progress.get("grid") or grid or default))
         if len(self.grid) != self.ndim or min(self.grid) < 1:
             raise InputError(f"grid {self.grid}: one positive count per axis of {self.shape}")

@@ -8,7 +8,8 @@
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
                       [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
-    cellcount annotate IMAGE [--points=FILE.csv] [--port=N] [--host=ADDRESS] [--ndim=2|3]
+    cellcount annotate IMAGE [--points=FILE.csv] [--model=DIR [--spacing=Z,Y,X]] [--port=N]
+                       [--host=ADDRESS] [--ndim=2|3] [--grid=[Z,]Y,X]
 
 A config is a shipped one by name (`quickstart`, `vgg2d_cpu`, ...: the files of `configs/`)
 or a path to a Python file with `get_config()`. A model is a model folder (a training
@@ -100,8 +101,9 @@ def define_flags():
     flags.DEFINE_string("test-roi", None, "train: regions of interest of the held-out images.")
     flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir whose model, data "
                       "or target config differs from its config.json.")
-    flags.DEFINE_string("model", None, "predict: a model folder (a training workdir) or a "
-                        "shipped model (pretrained/vgg2d_cpu).")
+    flags.DEFINE_string("model", None, "predict, annotate: a model folder (a training workdir) "
+                        "or a shipped model (pretrained/vgg2d_cpu); annotate offers its "
+                        "detections as proposals.")
     flags.DEFINE_string("input", None, "predict: a folder of images, one PNG/TIFF/BigTIFF file, a "
                         "zarr / OME-Zarr, or (3D models) a folder of 2D planes as one z-stack.")
     flags.DEFINE_string("output", "predictions", "predict: where results go.")
@@ -111,7 +113,7 @@ def define_flags():
                         "number or one per axis, e.g. 64,256,256; default: the model's).")
     flags.DEFINE_string("context", None, "predict: voxels of context the network sees around "
                         "a tile on each side (default: the model's).")
-    flags.DEFINE_string("spacing", None, "predict: the input's voxel spacing (z,y,x) when it "
+    flags.DEFINE_string("spacing", None, "predict, annotate: the input's voxel spacing (z,y,x) when it "
                         "differs from the model's: resampled to the model's for the network.")
     flags.DEFINE_enum("density", "tif", ["tif", "zarr", "none"], "predict: the density map as "
                       "a (Big)TIFF, an OME-Zarr (needs '.[big]') or not at all.")
@@ -136,6 +138,9 @@ def define_flags():
                         "machine only; reach it from elsewhere through an SSH tunnel).")
     flags.DEFINE_integer("ndim", 0, "annotate: 2 (an image) or 3 (a stack); 0 guesses from the "
                          "file.")
+    flags.DEFINE_string("grid", None, "annotate: regions per axis ([z,]y,x) that are ticked "
+                        "off as reviewed (default: regions of about 256 pixels, 32 slices); a "
+                        "reopened file keeps its grid.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks of input errors.")
 
 
@@ -204,9 +209,6 @@ def _annotate():
 
     if not FLAGS.input:
         raise InputError("annotate needs an image: cellcount annotate IMAGE")
-    if FLAGS.model:
-        raise InputError("--model: annotate proposes dots from the image (smoothing, Otsu's "
-                         "threshold, components); model proposals are not available yet")
     path = FLAGS.input.rstrip("/")
     if not os.path.exists(path):
         raise InputError(f"{path}: no such image, stack or folder")
@@ -215,7 +217,12 @@ def _annotate():
     ndim = FLAGS.ndim or annotate.guess_ndim(path)
     stem = path[:-len(".ome.tif")] if path.lower().endswith(".ome.tif") else (
         os.path.splitext(path)[0])
-    return annotate.serve(path, FLAGS.points or stem + ".csv", ndim, FLAGS.host, FLAGS.port)
+    if FLAGS.spacing and not FLAGS.model:
+        raise InputError("--spacing goes with --model (the image's spacing, for the model)")
+    grid = _numbers("grid", int)
+    return annotate.serve(path, FLAGS.points or stem + ".csv", ndim, FLAGS.host, FLAGS.port,
+                          model_path(FLAGS.model) if FLAGS.model else None,
+                          _numbers("spacing", float), (grid,) if isinstance(grid, int) else grid)
 
 
 def _numbers(name, kind):

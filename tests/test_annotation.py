@@ -148,7 +148,7 @@ def test_the_server_edits_the_csv_and_serves_regions(server):
     assert r.status_code == 200 and r.get_json()["id"] == 0
     np.testing.assert_allclose(io.read_dots_csv(points, 3), [[6, 20, 30]])
     found = client.post("/api/propose", json={"box": [[0, 0, 0], [24, 64, 72]], "sigma": 1.0,
-                                              "opening": 1}).get_json()["points"]
+                                              "opening": 1}).get_json()["points"]["detector"]
     assert _matched(np.asarray(found), centres, 0.5)
     r = client.post("/api/accept", json={"points": found[1:]}).get_json()
     assert len(io.read_dots_csv(points, 3)) == 3 and r["ids"] == [1, 2]
@@ -169,6 +169,14 @@ def test_the_server_edits_the_csv_and_serves_regions(server):
     expected = np.clip((blocks - lo) / (hi - lo), 0, 1) * 255
     assert view.shape == (16, 16) and np.abs(view - expected).max() <= 1.0
     assert 0 < (view == 255).sum() < view.size  # a blob, clipped at the display range
+    mip = client.get("/api/view?mip=1&y0=4&y1=64&x0=0&x1=72&step=3")
+    view = np.asarray(Image.open(_bytes(mip.data))).astype(float)
+    projection = stack.astype(np.float32).max(0)
+    lo, hi = np.percentile(projection, [0.5, 99.8])
+    blocks = projection[4:64, :72].reshape(20, 3, 24, 3).mean((1, 3))
+    expected = np.clip((blocks - lo) / (hi - lo), 0, 1) * 255
+    assert view.shape == (20, 24) and np.abs(view - expected).max() <= 1.0
+    assert all(view[int(y - 4) // 3, int(x) // 3] > 150 for _, y, x in centres)  # all slices
 
 
 def _bytes(data):
@@ -188,6 +196,8 @@ def test_the_server_refuses_bad_requests_and_serves_no_other_file(server):
             ("get", "/api/view?y0=3", None),                           # 3D needs z
             ("post", "/api/propose", {"box": [[0, 0], [5, 5]]}),       # 2 axes for 3D
             ("post", "/api/review", {"region": [9, 9, 9]}),            # not a grid cell
+            ("post", "/api/propose", {"box": [[0] * 3, [5] * 3], "source": "model"}),  # no model
+            ("post", "/api/propose", {"box": [[0] * 3, [5] * 3], "source": "/etc"}),
             ("get", "/../../etc/passwd", None),
             ("get", "/api/..%2F..%2Fetc%2Fpasswd", None),
             ("get", "/static/../../etc/passwd", None),
@@ -224,7 +234,11 @@ def test_the_annotate_command_refuses_bad_input_in_one_line(tmp_path):
     cases = [([str(tmp_path / "missing.tif")], "no such image"),
              ([str(image), "--ndim=4"], "--ndim=4"),
              ([str(image), f"--port={port}"], "choose another --port"),
-             ([str(image), "--model=somewhere"], "model proposals are not available"),
+             ([str(image), "--model=somewhere"], "--model=somewhere: no such model folder"),
+             ([str(image), "--model=vgg2d_cpu"], "takes 2D images with 3 channel(s)"),
+             ([str(image), "--spacing=1,1"], "--spacing goes with --model"),
+             ([str(image), "--grid=2,x"], "expected comma-separated numbers"),
+             ([str(image), "--grid=2,2,2"], "one positive count per axis"),
              ([str(image), "--distributed"], "go with train and evaluate")]
     try:
         for args, message in cases:
@@ -236,3 +250,42 @@ def test_the_annotate_command_refuses_bad_input_in_one_line(tmp_path):
     finally:
         busy.close()
     assert not (tmp_path / "im.csv").exists()
+
+
+def test_a_reopened_file_keeps_its_grid(tmp_path):
+    path = str(tmp_path / "image.csv")
+    a = annotation.Annotation(path, (512, 512), grid=(4, 4))
+    a.review((3, 1))
+    assert annotation.Annotation(path, (512, 512)).grid == (4, 4)
+    with pytest.raises(InputError, match="give that grid or none"):
+        annotation.Annotation(path, (512, 512), grid=(2, 2))
+
+
+def test_model_proposals_on_another_spacing_are_the_predict_command_s_detections(tmp_path):
+    """The shipped VGG model on an image at half its pixel size: the proposals in a box are
+    `cellcount predict --spacing`'s detections (resampled to the model's grid, mapped back)."""
+    pytest.importorskip("flask")
+    from PIL import Image
+    from cellcount_jax import annotate, model_folder, predict, volumes
+    from cellcount_jax.cli import model_path
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:200, :180]
+    cells = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 60.0)
+                for cy, cx in rng.uniform(10, 170, (40, 2)))
+    rgb = (np.stack([0.1 * cells, 0.2 * cells, cells], -1) / cells.max() * 255).astype(np.uint8)
+    image = str(tmp_path / "cells.png")
+    Image.fromarray(rgb).save(image)
+    app = annotate.create_app(image, str(tmp_path / "cells.csv"), 2,
+                              model=model_path("vgg2d_cpu"), spacing=(0.5, 0.5))
+    box = [[20, 30], [150, 170]]
+    found = np.asarray(app.test_client().post("/api/propose", json={
+        "box": box, "source": "model"}).get_json()["points"]["model"]).reshape(-1, 2)
+    predictor = model_folder.load_model(model_path("vgg2d_cpu"))
+    predict.predict_image(predictor, volumes.open_volume(image, 2), str(tmp_path / "out"),
+                          "cells", spacing=(0.5, 0.5), density="none", progress=False)
+    rows = np.loadtxt(tmp_path / "out" / "cells_detections.csv", delimiter=",", skiprows=1,
+                      ndmin=2)[:, :2]
+    inside = rows[np.all((np.floor(rows + 0.5) >= box[0]) & (np.floor(rows + 0.5) < box[1]), 1)]
+    assert len(inside) > 5
+    np.testing.assert_allclose(found[np.lexsort(found.T[::-1])],
+                               inside[np.lexsort(inside.T[::-1])], atol=1e-3)

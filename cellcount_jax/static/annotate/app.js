@@ -7,9 +7,12 @@ const canvas = $("view");
 const ctx = canvas.getContext("2d");
 const S = {
   info: null, z: 0, zoom: 1, oy: 0, ox: 0,        // view: top-left image pixel, screen px per pixel
-  points: [], progress: null, proposals: [],
+  points: [], progress: null, proposals: [],      // proposals: {c: coords, src: "detector" | "model"}
   image: null, imageBox: null, request: 0, drag: null,
+  mip: false, mouse: null, proposing: false,
+  timings: { edit: [], slice: [], view: [] },      // ms from the action to the answer drawn
 };
+const SOURCE_STYLE = { detector: "#ffd400", model: "#ff4df0" };
 const DOT = 5, HIT = 7;
 
 async function api(method, url, body) {
@@ -70,7 +73,10 @@ function toScreen(y, x) {
 }
 
 // Only the visible region of the current slice is requested, at about screen resolution.
-function load() {
+// kind: the timing it counts for ("slice": a change of slice, "view": of zoom or position).
+function load(kind = "view") {
+  if (!S.info) return;
+  const t0 = performance.now();
   const step = Math.max(1, Math.floor(1 / S.zoom));
   const y0 = Math.max(0, Math.floor(S.oy)), x0 = Math.max(0, Math.floor(S.ox));
   const y1 = Math.min(H(), Math.ceil(S.oy + canvas.height / S.zoom));
@@ -78,13 +84,14 @@ function load() {
   if (y1 <= y0 || x1 <= x0) { S.image = null; draw(); return; }
   const id = ++S.request;
   const url = `/api/view?y0=${y0}&y1=${y1}&x0=${x0}&x1=${x1}&step=${step}` +
-    (is3d() ? `&z=${S.z}` : "");
+    (S.mip ? "&mip=1" : is3d() ? `&z=${S.z}` : "") + `&n=${id}`;  // n: never a cached answer
   const img = new Image();
   img.onload = () => {
     if (id !== S.request) return;  // a newer view was asked for meanwhile
     S.image = img;
     S.imageBox = [y0, x0, img.height * step, img.width * step];
     draw();
+    S.timings[kind].push(performance.now() - t0);
   };
   img.onerror = () => status("could not load the view", true);
   img.src = url;
@@ -106,11 +113,11 @@ function draw() {
   if ($("grid").checked && S.progress) drawGrid();
   const k = near();
   for (const p of S.points) {
-    const c = p.coords, dz = is3d() ? Math.round(c[0]) - S.z : 0;
+    const c = p.coords, dz = is3d() && !S.mip ? Math.round(c[0]) - S.z : 0;
     if (Math.abs(dz) > k) continue;
     const [sy, sx] = toScreen(c[c.length - 2], c[c.length - 1]);
     ctx.beginPath();
-    ctx.arc(sx, sy, DOT, 0, 2 * Math.PI);
+    ctx.arc(sx, sy, S.mip ? DOT - 2 : DOT, 0, 2 * Math.PI);
     if (dz === 0) {
       ctx.fillStyle = "#ff3b3b";
       ctx.fill();
@@ -123,28 +130,45 @@ function draw() {
       ctx.setLineDash([]);
     }
   }
-  ctx.strokeStyle = "#ffd400";
-  for (const c of shownProposals()) {
-    const [sy, sx] = toScreen(c[c.length - 2], c[c.length - 1]);
+  for (const p of shownProposals()) {  // the detector's: +, the model's: x
+    const c = p.c, [sy, sx] = toScreen(c[c.length - 2], c[c.length - 1]);
+    const r = p.src === "model" ? DOT * 0.8 : DOT;
+    ctx.strokeStyle = SOURCE_STYLE[p.src];
     ctx.beginPath();
-    ctx.moveTo(sx - DOT, sy); ctx.lineTo(sx + DOT, sy);
-    ctx.moveTo(sx, sy - DOT); ctx.lineTo(sx, sy + DOT);
+    if (p.src === "model") {
+      ctx.moveTo(sx - r, sy - r); ctx.lineTo(sx + r, sy + r);
+      ctx.moveTo(sx - r, sy + r); ctx.lineTo(sx + r, sy - r);
+    } else {
+      ctx.moveTo(sx - r, sy); ctx.lineTo(sx + r, sy);
+      ctx.moveTo(sx, sy - r); ctx.lineTo(sx, sy + r);
+    }
     ctx.stroke();
   }
 }
 
-function shownProposals() {  // on this slice and inside the view
+const onSlice = (c) => S.mip || !is3d() || Math.round(c[0]) === S.z;
+
+function shownProposals() {  // on this slice (all, in the projection) and inside the view
   const [lo, hi] = visibleBox(), n = lo.length;
-  return S.proposals.filter((c) => (!is3d() || Math.round(c[0]) === S.z) &&
+  return S.proposals.filter(({ c }) => onSlice(c) &&
     c[n - 2] >= lo[n - 2] && c[n - 2] < hi[n - 2] && c[n - 1] >= lo[n - 1] && c[n - 1] < hi[n - 1]);
 }
 
-function gridCell(y, x) {
-  const g = S.progress.grid, n = g.length;
-  const cell = [Math.min(g[n - 2] - 1, Math.floor(y * g[n - 2] / H())),
-                Math.min(g[n - 1] - 1, Math.floor(x * g[n - 1] / W()))];
-  if (is3d()) cell.unshift(Math.min(g[0] - 1, Math.floor(S.z * g[0] / S.info.shape[0])));
+function cellOf(c) {  // the grid region of a point ([z,] y, x)
+  const g = S.progress.grid, n = c.length;
+  const cell = [];
+  for (let a = 0; a < n; a++) {
+    const i = Math.floor(Math.max(0, c[a]) * g[a] / S.info.shape[a]);  // as the server's
+    cell.push(Math.max(0, Math.min(g[a] - 1, i)));
+  }
   return cell;
+}
+
+const gridCell = (y, x) => cellOf(at(y, x));
+
+function pointer() {  // [y, x] of the image under the mouse, else of the view's centre
+  if (S.mouse) return toImage(S.mouse);
+  return [S.oy + canvas.height / S.zoom / 2, S.ox + canvas.width / S.zoom / 2];
 }
 
 function drawGrid() {
@@ -169,7 +193,7 @@ function hit(list, y, x, coordsOf) {  // the nearest item on this slice within H
   let best = null, bestD = HIT / S.zoom;
   for (const item of list) {
     const c = coordsOf(item);
-    if (is3d() && Math.round(c[0]) !== S.z) continue;
+    if (!onSlice(c)) continue;
     const d = Math.hypot(c[c.length - 2] - y, c[c.length - 1] - x);
     if (d <= bestD) { best = item; bestD = d; }
   }
@@ -178,17 +202,22 @@ function hit(list, y, x, coordsOf) {  // the nearest item on this slice within H
 
 const at = (y, x) => (is3d() ? [S.z, y, x] : [y, x]);
 
-async function edit(promise, what) {
+async function edit(request, what) {  // request: () => the API call's promise
+  const t0 = performance.now();
   status("saving");
   try {
-    update(await promise);
-    status(`saved: ${what}`);
+    update(await request());
+    const ms = performance.now() - t0;
+    S.timings.edit.push(ms);
+    status(`saved: ${what} (${Math.round(ms)} ms)`);
   } catch (e) {  // the status shows the server's message; draw what the server holds
     update(await fetch("/api/points").then((r) => r.json()));
   }
 }
 
 canvas.addEventListener("contextmenu", (ev) => ev.preventDefault());
+canvas.addEventListener("mousemove", (ev) => { S.mouse = { clientY: ev.clientY, clientX: ev.clientX }; });
+canvas.addEventListener("mouseleave", () => { S.mouse = null; });
 canvas.addEventListener("mousedown", (ev) => {
   const [y, x] = toImage(ev);
   if (ev.button === 1 || ev.shiftKey) {
@@ -209,7 +238,7 @@ window.addEventListener("mousemove", (ev) => {
     return;
   }
   if (Math.hypot(ev.clientY - d.sy, ev.clientX - d.sx) > 3) d.moved = true;
-  if (d.dot && d.moved) {
+  if (d.dot && d.moved && !S.mip) {
     const [y, x] = toImage(ev);
     const c = d.dot.coords;
     c[c.length - 2] = y; c[c.length - 1] = x;
@@ -222,17 +251,22 @@ window.addEventListener("mouseup", (ev) => {
   if (!d || ev.target !== canvas && !d.pan) return;
   if (d.pan) { load(); return; }
   const [y, x] = toImage(ev);
+  if (S.mip) {  // the projection only shows: a click on a dot goes to its slice
+    if (d.dot && !d.moved) { setMip(false); setZ(Math.round(d.dot.coords[0])); }
+    else if (!d.moved) status("projection: click a dot to go to its slice, M to leave");
+    return;
+  }
   if (d.dot && d.moved) {
-    edit(api("PUT", `/api/points/${d.dot.id}`, { coords: d.dot.coords }), "moved a dot");
+    edit(() => api("PUT", `/api/points/${d.dot.id}`, { coords: d.dot.coords }), "moved a dot");
   } else if (d.dot) {
-    edit(api("DELETE", `/api/points/${d.dot.id}`), "deleted a dot");
+    edit(() => api("DELETE", `/api/points/${d.dot.id}`), "deleted a dot");
   } else if (!d.moved) {
-    const prop = hit(S.proposals, y, x, (c) => c);
+    const prop = hit(S.proposals, y, x, (p) => p.c);
     if (prop) {
-      S.proposals = S.proposals.filter((c) => c !== prop);
-      edit(api("POST", "/api/accept", { points: [prop] }), "accepted a proposal");
+      S.proposals = S.proposals.filter((p) => p !== prop);
+      edit(() => api("POST", "/api/accept", { points: [prop.c] }), "accepted a proposal");
     } else if (y >= -0.5 && x >= -0.5 && y < H() - 0.5 && x < W() - 0.5) {
-      edit(api("POST", "/api/points", { coords: at(y, x) }), "added a dot");
+      edit(() => api("POST", "/api/points", { coords: at(y, x) }), "added a dot");
     }
   }
 });
@@ -250,13 +284,21 @@ function setZ(z) {
   S.z = Math.max(0, Math.min(S.info.shape[0] - 1, z));
   $("z").value = S.z;
   $("zval").textContent = `${S.z + 1} / ${S.info.shape[0]}`;
+  load("slice");
+}
+
+function setMip(on) {
+  if (!is3d()) return;
+  S.mip = on;
+  $("mip").checked = on;
+  status(on ? "projection over z, every dot" : "ready");
   load();
 }
 
 canvas.addEventListener("wheel", (ev) => {
   ev.preventDefault();
   const r = canvas.getBoundingClientRect();
-  if (ev.ctrlKey || !is3d()) zoomAt(ev.deltaY < 0 ? 1.25 : 0.8, ev.clientY - r.top, ev.clientX - r.left);
+  if (ev.ctrlKey || !is3d() || S.mip) zoomAt(ev.deltaY < 0 ? 1.25 : 0.8, ev.clientY - r.top, ev.clientX - r.left);
   else setZ(S.z + (ev.deltaY > 0 ? 1 : -1));
 }, { passive: false });
 
@@ -269,32 +311,56 @@ function visibleBox() {
   return [[Math.max(0, S.z - k), y0, x0], [Math.min(S.info.shape[0], S.z + k + 1), y1, x1]];
 }
 
-async function propose() {
-  const t = $("threshold").value.trim();
-  status("proposing");
+async function propose() {  // in the visible box; again whenever a setting changes
+  const t = $("threshold").value.trim(), source = $("source").value;
+  S.proposing = true;
+  status(source !== "detector" && !S.info.model_ready ? "proposing (the model is starting)" : "proposing");
   try {
     const r = await api("POST", "/api/propose", {
-      box: visibleBox(), sigma: parseFloat($("sigma").value) || 0,
+      box: visibleBox(), source, sigma: parseFloat($("sigma").value) || 0,
       threshold: t === "" ? null : parseFloat(t), min_size: parseInt($("min_size").value, 10) || 1,
       opening: parseInt($("opening").value, 10) || 0, bright: $("bright").checked,
     });
-    S.proposals = r.points;
-    status(`${r.points.length} proposals`);
+    S.info.model_ready = S.info.model_ready || source !== "detector";
+    S.proposals = [];
+    for (const src of ["detector", "model"]) {
+      for (const c of r.points[src] || []) S.proposals.push({ c, src });
+    }
+    const counts = Object.entries(r.points).map(([k, v]) => `${v.length} from the ${k}`);
+    status(`proposals: ${counts.join(", ")}`);
     draw();
   } catch (e) { /* shown */ }
 }
 
-function acceptShown(all) {  // those drawn on this slice, or every proposal (all slices)
-  const chosen = all ? S.proposals : shownProposals();
-  if (!chosen.length) return;
-  S.proposals = S.proposals.filter((c) => !chosen.includes(c));
-  edit(api("POST", "/api/accept", { points: chosen }), `accepted ${chosen.length} proposals`);
+let rerun = null;
+function proposeSoon() {  // a setting changed: propose again once typing pauses
+  if (!S.proposing) return;
+  clearTimeout(rerun);
+  rerun = setTimeout(propose, 250);
 }
 
-function review() {
-  const cell = gridCell(S.oy + canvas.height / S.zoom / 2, S.ox + canvas.width / S.zoom / 2);
+function acceptSome(chosen, what) {
+  if (!chosen.length) { status(`no proposals ${what}`); return; }
+  S.proposals = S.proposals.filter((p) => !chosen.includes(p));
+  edit(() => api("POST", "/api/accept", { points: chosen.map((p) => p.c) }),
+       `accepted ${chosen.length} proposals ${what}`);
+}
+
+function acceptRegion() {  // every proposal (any slice) in the grid region under the mouse
+  const cell = gridCell(...pointer()).join(",");
+  acceptSome(S.proposals.filter((p) => cellOf(p.c).join(",") === cell), `in region ${cell}`);
+}
+
+function clearProposals() {
+  S.proposals = [];
+  S.proposing = false;
+  draw();
+}
+
+function review() {  // the region under the mouse: reviewed, or reopened
+  const cell = gridCell(...pointer());
   const done = !S.progress.reviewed.some((r) => r.join(",") === cell.join(","));
-  edit(api("POST", "/api/review", { region: cell, done }), done ? "region reviewed" : "region reopened");
+  edit(() => api("POST", "/api/review", { region: cell, done }), done ? "region reviewed" : "region reopened");
 }
 
 window.addEventListener("keydown", (ev) => {
@@ -302,8 +368,8 @@ window.addEventListener("keydown", (ev) => {
   const k = ev.key, ctrl = ev.ctrlKey || ev.metaKey;
   const pan = 60 / S.zoom;
   if (ctrl && (k === "z" || k === "Z")) {
-    edit(api("POST", ev.shiftKey ? "/api/redo" : "/api/undo"), ev.shiftKey ? "redo" : "undo");
-  } else if (ctrl && (k === "y" || k === "Y")) edit(api("POST", "/api/redo"), "redo");
+    edit(() => api("POST", ev.shiftKey ? "/api/redo" : "/api/undo"), ev.shiftKey ? "redo" : "undo");
+  } else if (ctrl && (k === "y" || k === "Y")) edit(() => api("POST", "/api/redo"), "redo");
   else if (ctrl) return;
   else if (k === "PageDown" || k === ".") setZ(S.z + 1);
   else if (k === "PageUp" || k === ",") setZ(S.z - 1);
@@ -315,8 +381,11 @@ window.addEventListener("keydown", (ev) => {
   else if (k === "ArrowLeft") { S.ox -= pan; load(); }
   else if (k === "ArrowRight") { S.ox += pan; load(); }
   else if (k === "p" || k === "P") propose();
-  else if (k === "a" || k === "A") acceptShown(ev.shiftKey);
-  else if (k === "c" || k === "C") { S.proposals = []; draw(); }
+  else if (k === "a") acceptSome(shownProposals(), "in view");
+  else if (k === "A") acceptSome(S.proposals, "(all)");
+  else if (k === "q" || k === "Q") acceptRegion();
+  else if (k === "c" || k === "C") clearProposals();
+  else if (k === "m" || k === "M") setMip(!S.mip);
   else if (k === "r" || k === "R") review();
   else if (k === "g" || k === "G") { $("grid").checked = !$("grid").checked; draw(); }
   else return;
@@ -325,12 +394,17 @@ window.addEventListener("keydown", (ev) => {
 
 $("z").addEventListener("input", () => setZ(parseInt($("z").value, 10)));
 for (const id of ["near", "brightness", "contrast", "grid"]) $(id).addEventListener("input", draw);
+for (const id of ["sigma", "threshold", "min_size", "opening", "bright", "source"]) {
+  $(id).addEventListener("input", proposeSoon);
+}
+$("mip").addEventListener("change", () => setMip($("mip").checked));
 $("propose").onclick = propose;
-$("accept").onclick = () => acceptShown(false);
-$("acceptall").onclick = () => acceptShown(true);
-$("clear").onclick = () => { S.proposals = []; draw(); };
-$("undo").onclick = () => edit(api("POST", "/api/undo"), "undo");
-$("redo").onclick = () => edit(api("POST", "/api/redo"), "redo");
+$("accept").onclick = () => acceptSome(shownProposals(), "in view");
+$("acceptregion").onclick = acceptRegion;
+$("acceptall").onclick = () => acceptSome(S.proposals, "(all)");
+$("clear").onclick = clearProposals;
+$("undo").onclick = () => edit(() => api("POST", "/api/undo"), "undo");
+$("redo").onclick = () => edit(() => api("POST", "/api/redo"), "redo");
 $("review").onclick = review;
 window.addEventListener("resize", () => { resize(); load(); });
 
@@ -338,6 +412,8 @@ window.addEventListener("resize", () => { resize(); load(); });
   S.info = await api("GET", "/api/info");
   $("name").textContent = `${S.info.name} (${S.info.shape.join(" x ")}) -> ${S.info.points_file}`;
   $("zbox").style.display = is3d() ? "" : "none";
+  $("sourcebox").style.display = S.info.model ? "" : "none";
+  if (S.info.model) $("source").value = "model";
   if (is3d()) { $("z").max = S.info.shape[0] - 1; S.z = Math.floor(S.info.shape[0] / 2); setZ(S.z); }
   resize();
   update(await api("GET", "/api/points"));
