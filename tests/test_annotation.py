@@ -289,3 +289,21 @@ def test_model_proposals_on_another_spacing_are_the_predict_command_s_detections
     assert len(inside) > 5
     np.testing.assert_allclose(found[np.lexsort(found.T[::-1])],
                                inside[np.lexsort(inside.T[::-1])], atol=1e-3)
+
+
+def test_a_grey_2d_image_is_served_and_edited(tmp_path):
+    pytest.importorskip("flask")
+    from PIL import Image
+    from cellcount_jax import annotate
+    image = (np.random.default_rng(0).random((50, 70)) * 200).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "grey.png")
+    client = annotate.create_app(str(tmp_path / "grey.png"), str(tmp_path / "grey.csv"),
+                                 2).test_client()
+    info = client.get("/api/info").get_json()
+    assert info["shape"] == [50, 70] and info["ndim"] == 2 and info["channels"] == 1
+    view = np.asarray(Image.open(_bytes(client.get("/api/view?y0=10&y1=50&x0=0&x1=70").data)))
+    (lo,), (hi,) = info["display"]
+    np.testing.assert_allclose(view, np.clip((image[10:] - lo) / (hi - lo), 0, 1) * 255, atol=1)
+    assert client.get("/api/view?mip=1").status_code == 400  # no projection of a 2D image
+    client.post("/api/points", json={"coords": [12.5, 3]})
+    assert open(tmp_path / "grey.csv").read() == "y,x\n12.500,3.000\n"
