@@ -119,10 +119,11 @@ class ModelProposals:
         if not p.calibrated:
             raise InputError(f"--model={model_dir}: no calibrated detector (training did not "
                              f"finish); run `cellcount evaluate --workdir={model_dir}`")
-        spacing = np.asarray(p.spacing if spacing is None else spacing, np.float64)
+        spacing = np.ravel(np.asarray(p.spacing if spacing is None else spacing, np.float64))
+        spacing = np.repeat(spacing, p.ndim) if len(spacing) == 1 else spacing
         if spacing.shape != (p.ndim,) or np.any(spacing <= 0):
-            raise InputError(f"--spacing must be {p.ndim} positive values, got "
-                             f"{tuple(spacing)}")
+            raise InputError(f"--spacing must be {p.ndim} positive values (or one for every "
+                             f"axis), got {spacing.tolist()}")
         self.zoom = spacing / np.asarray(p.spacing, np.float64)
         self.grid_volume = (volume if np.allclose(self.zoom, 1)
                             else tiling.Resampled(volume, self.zoom))
@@ -166,9 +167,15 @@ class ModelProposals:
         self._ready.wait()
         if self._error:
             raise InputError(f"the model could not predict this image ({self._error})")
-        lo = np.floor(np.asarray(start) * self.zoom).astype(int)
-        hi = np.ceil(np.asarray(stop) * self.zoom).astype(int)
-        pts = self._predict(self._touching(lo, hi)) / self.zoom
+        # One model pixel more each side: a detection is owned by the tile of its nearest model
+        # pixel, which can lie just outside the box's image on the model's grid.
+        lo = np.floor(np.asarray(start) * self.zoom).astype(int) - 1
+        hi = np.ceil(np.asarray(stop) * self.zoom).astype(int) + 1
+        try:
+            pts = self._predict(self._touching(lo, hi)) / self.zoom
+        except Exception as e:  # noqa: BLE001 - any failure of the model is reported as such
+            raise InputError(f"the model could not predict this image ({type(e).__name__}: "
+                             f"{e})") from e
         nearest = np.floor(pts + 0.5)
         return pts[np.all((nearest >= start) & (nearest < stop), axis=1)]
 
@@ -200,6 +207,13 @@ def _int(args, key, default=None, lo=None, hi=None):
         raise InputError(f"parameter {key!r} must be an integer, got {text!r}") from e
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise InputError(f"parameter {key!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _flag(body, key, default):
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise InputError(f"{key!r} must be true or false, got {value!r}")
     return value
 
 
@@ -302,7 +316,7 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: s
     @one_at_a_time
     def review():
         body = _json(request, "region")
-        dots.review(body["region"], bool(body.get("done", True)))
+        dots.review(body["region"], _flag(body, "done", True))
         return jsonify(progress=dots.progress())
 
     @app.get("/api/view")
@@ -361,7 +375,7 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: s
                     threshold=(None if body.get("threshold") is None
                                else float(body["threshold"])),
                     opening=int(body.get("opening", 1)), min_size=int(body.get("min_size", 4)),
-                    bright=bool(body.get("bright", True)))
+                    bright=_flag(body, "bright", True))
             except (TypeError, ValueError) as e:
                 raise InputError(f"bad proposal parameters ({e})") from e
             out["detector"] = (found + start).tolist()
@@ -378,17 +392,32 @@ def serve(image_path: str, points_path: str, ndim: int, host: str = "127.0.0.1",
     """Serves the page and the API until interrupted (Ctrl+C); prints the URL."""
     import logging
     import socket
+    from werkzeug.serving import make_server
+
+    def busy(e):
+        return InputError(f"cannot serve on {host}:{port} ({getattr(e, 'strerror', None) or e}"
+                          f"); choose another --port")
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
+        try:  # before the image and the model are opened
             probe.bind((host, port))
         except OSError as e:
-            raise InputError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose "
-                             f"another --port") from e
+            raise busy(e) from e
     app = create_app(image_path, points_path, ndim, grid, model, spacing)
     dots = app.config["annotation"]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    try:
+        server = make_server(host, port, app, threaded=True)  # listening from here on
+    except (OSError, SystemExit) as e:
+        raise busy(e) from e
     shown = "localhost" if host in ("127.0.0.1", "localhost") else host
+    also = f", proposals of {model}" if model else ""
     print(f"annotating {image_path} ({'x'.join(map(str, dots.shape))}), dots in {points_path} "
-          f"({len(dots.points)} so far){', proposals of ' + model if model else ''}\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
+          f"({len(dots.points)} so far{also})\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
           f"edit is already saved)", flush=True)
-    app.run(host=host, port=port, threaded=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -70,6 +70,9 @@ class Annotation:
             except (OSError, ValueError) as e:
                 raise InputError(f"{self.progress_path}: not a progress file ({e})") from e
         default = tuple(max(1, math.ceil(s / r)) for s, r in zip(self.shape, REGION[self.ndim]))
+        if grid is not None:  # one count for every axis, or one per axis
+            grid = tuple(int(g) for g in np.ravel(grid))
+            grid = grid * self.ndim if len(grid) == 1 else grid
         if grid is not None and progress.get("grid") and tuple(progress["grid"]) != tuple(grid):
             raise InputError(f"{self.progress_path} was started with a grid of "
                              f"{tuple(progress['grid'])} regions; give that grid or none")
@@ -86,7 +89,10 @@ class Annotation:
         return self._next - 1
 
     def _checked(self, coords) -> np.ndarray:
-        c = np.asarray(coords, np.float64).reshape(-1)
+        try:
+            c = np.asarray(coords, np.float64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"a dot is {self.ndim} numbers, got {coords!r}") from e
         if c.shape != (self.ndim,) or not np.isfinite(c).all():
             raise InputError(f"a dot is {self.ndim} finite coordinates "
                              f"({','.join(AXES[self.ndim])}), got {list(np.ravel(coords))}")
@@ -111,7 +117,11 @@ class Annotation:
 
     def accept(self, dots) -> list:
         """Adds many dots (accepted proposals) as one edit, undone in one step."""
-        checked = [self._checked(d) for d in np.asarray(dots, np.float64).reshape(-1, self.ndim)]
+        try:
+            rows = np.asarray(dots, np.float64).reshape(-1, self.ndim)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"expected a list of dots of {self.ndim} numbers each") from e
+        checked = [self._checked(d) for d in rows]
         ids = [self._new_id() for _ in checked]
         if ids:
             self._change([(i, None, c) for i, c in zip(ids, checked)])
@@ -156,13 +166,16 @@ class Annotation:
 
     # -- progress ---------------------------------------------------------------------------
     def region_of(self, coords) -> tuple:
-        """The grid cell of a pixel position."""
-        c = self._checked(coords)
-        return tuple(min(int(v * g // s), g - 1) for v, g, s in zip(c, self.grid, self.shape))
+        """The grid cell of a position: that of its nearest pixel (as the page computes it)."""
+        pixel = np.floor(self._checked(coords) + 0.5).astype(int)
+        return tuple(int(p * g // s) for p, g, s in zip(pixel, self.grid, self.shape))
 
     def review(self, region, done: bool = True):
         """Marks a grid cell (one index per axis) as reviewed, or not."""
-        region = tuple(int(r) for r in region)
+        try:
+            region = tuple(int(r) for r in region)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"a region is one index per axis, got {region!r}") from e
         if len(region) != self.ndim or any(not 0 <= r < g for r, g in zip(region, self.grid)):
             raise InputError(f"region {list(region)} is not a cell of the {self.grid} grid")
         (self.reviewed.add if done else self.reviewed.discard)(region)

@@ -6,7 +6,8 @@ here as the reference. Screenshots go to $CELLCOUNT_ARTIFACTS (default artifacts
 The 3D test opens the QCANet 16-cell embryo (../shared/data) when it is there, else a synthetic
 stack of nuclei. The latency test measures the round trip of an edit and of a slice (3D) or
 view (2D) change, as the page itself times them, on a VGG image and a 2 GB stack, and writes
-them to latency.json among the artefacts (the README's table).
+them to latency.json among the artefacts (the README's table); $CELLCOUNT_STACK names another
+stack for it.
 """
 import json
 import os
@@ -37,6 +38,17 @@ except ImportError:  # pragma: no cover - `pip install -e '.[test]'` has it
 pytestmark = pytest.mark.skipif(
     sync_playwright is None or not os.path.exists(CHROMIUM),
     reason="needs playwright (the test extra) and Chromium (apt-get install chromium)")
+
+
+def _slice(z):
+    """The slice of a z coordinate, as the page rounds it (Math.round: halves up)."""
+    return int(np.floor(z + 0.5))
+
+
+def _cell(coords, grid, shape):
+    """The grid region of a position, as the page and the server give it (nearest pixel)."""
+    pixel = np.clip(np.floor(np.asarray(coords) + 0.5), 0, np.asarray(shape) - 1)
+    return (pixel * grid // np.asarray(shape)).astype(int)
 
 
 def _free_port():
@@ -114,7 +126,8 @@ class Page:
     def screen(self, coords):
         """Page coordinates of the image position (.., y, x)."""
         return self.js("([y, x]) => { const [sy, sx] = toScreen(y, x); "
-                       "const r = canvas.getBoundingClientRect(); return [r.left + sx, r.top + sy]; }",
+                       "const r = canvas.getBoundingClientRect(); "
+                       "return [r.left + sx, r.top + sy]; }",
                        [float(coords[-2]), float(coords[-1])])
 
     def edit(self, action):
@@ -135,7 +148,8 @@ class Page:
     def shot(self, what):
         os.makedirs(ARTIFACTS, exist_ok=True)
         self.shots += 1
-        self.page.screenshot(path=os.path.join(ARTIFACTS, f"{self.name}-{self.shots:02d}-{what}.png"))
+        name = f"{self.name}-{self.shots:02d}-{what}.png"
+        self.page.screenshot(path=os.path.join(ARTIFACTS, name))
 
 
 def _csv(path):
@@ -161,7 +175,8 @@ def _synthetic_stack(path, shape=(40, 96, 100), n=18, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.uniform([4, 8, 8], np.array(shape) - [4, 8, 8], (n, 3))
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
-    image = sum(np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / 18) for centre in centres)
+    image = sum(np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / 18)
+                for centre in centres)
     import tifffile
     tifffile.imwrite(path, (image * 3000 + rng.normal(200, 20, shape)).clip(0).astype(np.uint16))
 
@@ -192,12 +207,11 @@ def test_3d_stack_propose_accept_region_add_delete_move_slice_undo_kill_reopen(b
 
     # Accept the proposals of one grid region (the one under the mouse, of this slice's z
     # range, with the most proposals): exactly those land.
-    cells = [np.floor(np.maximum(c, 0) * 2 / shape).astype(int) for c in found]
+    cells = [_cell(c, 2, shape) for c in found]
     targets = [np.array([page.js("S.z"), shape[1] * fy, shape[2] * fx])
                for fy in (0.25, 0.75) for fx in (0.25, 0.75)]
-    target = max(targets, key=lambda t: sum(
-        (c == np.floor(t * 2 / shape).astype(int)).all() for c in cells))
-    cell = np.floor(target * 2 / shape).astype(int)
+    target = max(targets, key=lambda t: sum((c == _cell(t, 2, shape)).all() for c in cells))
+    cell = _cell(target, 2, shape)
     inside = [f for f, c in zip(found, cells) if (c == cell).all()]
     assert len(inside) >= 2, "too few proposals in the chosen region"
     page.page.mouse.move(*page.screen(target))
@@ -223,9 +237,9 @@ def test_3d_stack_propose_accept_region_add_delete_move_slice_undo_kill_reopen(b
 
     # Delete an accepted dot: go to its slice with the keys, click it.
     victim = inside[0]
-    while page.js("S.z") != round(victim[0]):
-        page.key("." if page.js("S.z") < round(victim[0]) else ",", "slice")
-    assert page.page.locator("#zval").text_content() == f"{round(victim[0]) + 1} / {shape[0]}"
+    while page.js("S.z") != _slice(victim[0]):
+        page.key("." if page.js("S.z") < _slice(victim[0]) else ",", "slice")
+    assert page.page.locator("#zval").text_content() == f"{_slice(victim[0]) + 1} / {shape[0]}"
     before = _csv(dots)
     page.edit(lambda: page.click(victim))
     assert _same_rows(_csv(dots), [r for r in before if not np.allclose(r, victim, atol=1e-3)])
@@ -258,16 +272,16 @@ def test_3d_stack_propose_accept_region_add_delete_move_slice_undo_kill_reopen(b
     page.key("m", "view")
     assert page.js("S.mip") is True
     page.shot("projection")
-    apart = [r for r in before if round(r[0]) != page.js("S.z") and
+    apart = [r for r in before if _slice(r[0]) != page.js("S.z") and
              np.sort(np.hypot(*(before[:, 1:] - r[1:]).T))[1:].min(initial=np.inf) > 3]
     page.click(apart[0])
-    page.wait(f"S.z === {round(apart[0][0])} && !S.mip")
+    page.wait(f"S.z === {_slice(apart[0][0])} && !S.mip")
 
     # A region ticked off as reviewed (R, under the mouse) is saved with the dots.
     corner = np.array([page.js("S.z"), 2, 2])
     page.page.mouse.move(*page.screen(corner))
     page.edit(lambda: page.key("r"))
-    reviewed = [np.floor(corner * 2 / shape).astype(int).tolist()]
+    reviewed = [_cell(corner, 2, shape).tolist()]
     assert page.js("S.progress.reviewed") == reviewed
 
     # Kill the server: nothing is lost; a new one continues with the same dots and regions.
@@ -353,8 +367,12 @@ def _latency(page, dots, n, change_key, kind, ndim):
 
 @pytest.fixture(scope="module")
 def big_stack(tmp_path_factory):
-    """A 2 GB uint16 BigTIFF stack: noise and bright nuclei, written plane by plane."""
+    """A 2 GB uint16 BigTIFF stack: noise and bright nuclei, written plane by plane (or the
+    stack $CELLCOUNT_STACK names, e.g. one not in the page cache, to time a cold open)."""
     import tifffile
+    if os.environ.get("CELLCOUNT_STACK"):
+        yield os.environ["CELLCOUNT_STACK"]
+        return
     path = str(tmp_path_factory.mktemp("big") / "stack_2gb.tif")
     out = tifffile.memmap(path, shape=BIG_SHAPE, dtype=np.uint16, bigtiff=True)
     rng = np.random.default_rng(0)
@@ -379,11 +397,13 @@ def test_latency_of_edits_and_views_vgg_image_and_2gb_stack(browser, servers, tm
                       **_latency(page, str(tmp_path / "vgg.csv"), 40, ["ArrowRight", "ArrowLeft"],
                                  "view", 2)}
     page.shot("vgg")
+    assert page.errors == []
     t0 = time.perf_counter()
     server = servers(big_stack, str(tmp_path / "big.csv"))
     page = Page(browser, server.url, "latency-3d")
     opened = time.perf_counter() - t0
-    results["stack"] = {"shape": list(BIG_SHAPE), "gigabytes": round(os.path.getsize(big_stack) / 1e9, 2),
+    results["stack"] = {"file": os.path.basename(big_stack), "shape": page.js("S.info.shape"),
+                        "gigabytes": round(os.path.getsize(big_stack) / 1e9, 2),
                         "server_start_s": round(server.seconds, 2),
                         "open_to_first_view_s": round(opened, 2),
                         **_latency(page, str(tmp_path / "big.csv"), 40, [".", ","], "slice", 3)}

@@ -198,6 +198,11 @@ def test_the_server_refuses_bad_requests_and_serves_no_other_file(server):
             ("post", "/api/review", {"region": [9, 9, 9]}),            # not a grid cell
             ("post", "/api/propose", {"box": [[0] * 3, [5] * 3], "source": "model"}),  # no model
             ("post", "/api/propose", {"box": [[0] * 3, [5] * 3], "source": "/etc"}),
+            ("post", "/api/propose", {"box": [[0] * 3, [5] * 3], "bright": "false"}),
+            ("post", "/api/review", {"region": "ab"}),
+            ("post", "/api/review", {"region": [0, 0, 0], "done": "no"}),
+            ("post", "/api/accept", {"points": "x"}),
+            ("post", "/api/points", {"coords": "x"}),
             ("get", "/../../etc/passwd", None),
             ("get", "/api/..%2F..%2Fetc%2Fpasswd", None),
             ("get", "/static/../../etc/passwd", None),

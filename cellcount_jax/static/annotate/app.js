@@ -9,7 +9,7 @@ const S = {
   info: null, z: 0, zoom: 1, oy: 0, ox: 0,        // view: top-left image pixel, screen px per pixel
   points: [], progress: null, proposals: [],      // proposals: {c: coords, src: "detector" | "model"}
   image: null, imageBox: null, request: 0, drag: null,
-  mip: false, mouse: null, proposing: false,
+  mip: false, mouse: null, proposing: false, proposal: 0,  // proposal: id of the latest request
   timings: { edit: [], slice: [], view: [] },      // ms from the action to the answer drawn
 };
 const SOURCE_STYLE = { detector: "#ffd400", model: "#ff4df0" };
@@ -158,8 +158,8 @@ function cellOf(c) {  // the grid region of a point ([z,] y, x)
   const g = S.progress.grid, n = c.length;
   const cell = [];
   for (let a = 0; a < n; a++) {
-    const i = Math.floor(Math.max(0, c[a]) * g[a] / S.info.shape[a]);  // as the server's
-    cell.push(Math.max(0, Math.min(g[a] - 1, i)));
+    const pixel = Math.max(0, Math.min(S.info.shape[a] - 1, Math.floor(c[a] + 0.5)));
+    cell.push(Math.floor(pixel * g[a] / S.info.shape[a]));  // as the server's region_of
   }
   return cell;
 }
@@ -282,6 +282,7 @@ function zoomAt(factor, sy, sx) {
 function setZ(z) {
   if (!is3d()) return;
   S.z = Math.max(0, Math.min(S.info.shape[0] - 1, z));
+  if (S.mip) { S.mip = false; $("mip").checked = false; }  // a slice is not the projection
   $("z").value = S.z;
   $("zval").textContent = `${S.z + 1} / ${S.info.shape[0]}`;
   load("slice");
@@ -313,6 +314,7 @@ function visibleBox() {
 
 async function propose() {  // in the visible box; again whenever a setting changes
   const t = $("threshold").value.trim(), source = $("source").value;
+  const id = ++S.proposal;
   S.proposing = true;
   status(source !== "detector" && !S.info.model_ready ? "proposing (the model is starting)" : "proposing");
   try {
@@ -321,6 +323,7 @@ async function propose() {  // in the visible box; again whenever a setting chan
       threshold: t === "" ? null : parseFloat(t), min_size: parseInt($("min_size").value, 10) || 1,
       opening: parseInt($("opening").value, 10) || 0, bright: $("bright").checked,
     });
+    if (id !== S.proposal) return;  // cleared, accepted or asked again meanwhile
     S.info.model_ready = S.info.model_ready || source !== "detector";
     S.proposals = [];
     for (const src of ["detector", "model"]) {
@@ -329,7 +332,9 @@ async function propose() {  // in the visible box; again whenever a setting chan
     const counts = Object.entries(r.points).map(([k, v]) => `${v.length} from the ${k}`);
     status(`proposals: ${counts.join(", ")}`);
     draw();
-  } catch (e) { /* shown */ }
+  } catch (e) {  // shown in the status; no re-runs of a failing request
+    if (id === S.proposal) S.proposing = false;
+  }
 }
 
 let rerun = null;
@@ -341,6 +346,7 @@ function proposeSoon() {  // a setting changed: propose again once typing pauses
 
 function acceptSome(chosen, what) {
   if (!chosen.length) { status(`no proposals ${what}`); return; }
+  S.proposal++;  // an answer still on its way would bring them back
   S.proposals = S.proposals.filter((p) => !chosen.includes(p));
   edit(() => api("POST", "/api/accept", { points: chosen.map((p) => p.c) }),
        `accepted ${chosen.length} proposals ${what}`);
@@ -352,6 +358,7 @@ function acceptRegion() {  // every proposal (any slice) in the grid region unde
 }
 
 function clearProposals() {
+  S.proposal++;
   S.proposals = [];
   S.proposing = false;
   draw();
@@ -364,7 +371,8 @@ function review() {  // the region under the mouse: reviewed, or reopened
 }
 
 window.addEventListener("keydown", (ev) => {
-  if (ev.target.tagName === "INPUT" && ev.target.type !== "range" && ev.target.type !== "checkbox") return;
+  const tag = ev.target.tagName;
+  if (tag === "SELECT" || tag === "INPUT" && ev.target.type !== "range" && ev.target.type !== "checkbox") return;
   const k = ev.key, ctrl = ev.ctrlKey || ev.metaKey;
   const pan = 60 / S.zoom;
   if (ctrl && (k === "z" || k === "Z")) {
@@ -381,8 +389,8 @@ window.addEventListener("keydown", (ev) => {
   else if (k === "ArrowLeft") { S.ox -= pan; load(); }
   else if (k === "ArrowRight") { S.ox += pan; load(); }
   else if (k === "p" || k === "P") propose();
-  else if (k === "a") acceptSome(shownProposals(), "in view");
-  else if (k === "A") acceptSome(S.proposals, "(all)");
+  else if ((k === "a" || k === "A") && !ev.shiftKey) acceptSome(shownProposals(), "in view");
+  else if (k === "a" || k === "A") acceptSome(S.proposals, "(all)");
   else if (k === "q" || k === "Q") acceptRegion();
   else if (k === "c" || k === "C") clearProposals();
   else if (k === "m" || k === "M") setMip(!S.mip);
