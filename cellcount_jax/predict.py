@@ -298,10 +298,11 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     if density not in DENSITY_FORMATS:
         raise InputError(f"--density must be one of {DENSITY_FORMATS}, got {density!r}")
     model_spacing = np.asarray(predictor.spacing, np.float64)
-    spacing = model_spacing if spacing is None else np.asarray(spacing, np.float64)
+    spacing = model_spacing if spacing is None else np.ravel(np.asarray(spacing, np.float64))
+    spacing = np.repeat(spacing, len(model_spacing)) if len(spacing) == 1 else spacing
     if spacing.shape != model_spacing.shape or np.any(spacing <= 0):
-        raise InputError(f"--spacing must be {len(model_spacing)} positive values, got "
-                         f"{tuple(spacing)}")
+        raise InputError(f"--spacing must be {len(model_spacing)} positive values (or one for "
+                         f"every axis), got {spacing.tolist()}")
     zoom = spacing / model_spacing
     grid_volume = volume if np.allclose(zoom, 1) else tiling.Resampled(volume, zoom)
     tile, context = predictor.tiling(tile, context)
