@@ -3,13 +3,15 @@
     python benchmarks/run.py                 # everything
     python benchmarks/run.py --only=train,targets --quick
     python benchmarks/run.py --quick --impls=xla,cpu   # native XLA vs the CPU formulation
+    python benchmarks/run.py --only=train,torch --dtypes=float32,bfloat16   # + PyTorch --amp
 
 Measures, after compilation (compile time reported separately) and with
 `block_until_ready`: the SSL and supervised train steps, inference, the target generator
 against scipy, post-processing + matching, the cost of the run records and the
 non-finite guard on the quickstart step, and, when torch is importable, the PyTorch peer
 (../shared/peers/torch_saunet.py, its own timer) on the same shapes in the same run, as a
-ratio. The peer runs in a child process: each runtime's idle worker threads spin for a
+ratio (with `--dtypes=bfloat16`, the bf16 step against the peer's `--amp`; the lines name the
+CPU's bf16 units that the step used, `bf16_units`). The peer runs in a child process: each runtime's idle worker threads spin for a
 while after its last step and slow the other down when both live in one process.
 
 FLOPs are those of XLA's cost analysis of the step in its XLA-native formulation
@@ -34,7 +36,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cellcount_jax import convolutions, models, optim, postprocess, metrics, targets, train  # noqa: E402
+from cellcount_jax import convolutions, models, native, optim, postprocess, metrics, targets, train  # noqa: E402
 from configs import quickstart  # noqa: E402
 
 PEER = os.path.join(ROOT, "..", "shared", "peers", "torch_saunet.py")
@@ -94,11 +96,12 @@ def matmul_peak(n=2048, steps=10):
     return rate
 
 
-def train_setup(spatial, batch, ssl, impl, features):
+def train_setup(spatial, batch, ssl, impl, features, dtype="float32"):
     """(parallel step, device state, device batch, rng) for the quickstart config."""
     c = quickstart.get_config()
     c.model.features = features
     c.model.impl = impl
+    c.model.dtype = dtype
     c.ssl.enabled = ssl
     ch = 3 if len(spatial) == 2 else 1
     model = train.create_model(c)
@@ -113,8 +116,9 @@ def train_setup(spatial, batch, ssl, impl, features):
     return par, par.put_state(state), par.put_batch(b), jax.random.key(1), model.impl
 
 
-def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=32):
-    par, dstate, dbatch, key, impl = train_setup(spatial, batch, ssl, impl, features)
+def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=32,
+                dtype="float32"):
+    par, dstate, dbatch, key, impl = train_setup(spatial, batch, ssl, impl, features, dtype)
     t0 = time.perf_counter()
     compiled = par.fn.lower(dstate, dbatch, key).compile()
     compile_s = time.perf_counter() - t0
@@ -134,7 +138,9 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
     dt = timed(call, (), steps, warmup)
     images = batch * (2 if ssl else 1)
     rec = {"name": f"train_{'ssl' if ssl else 'supervised'}_{name}", **device_info(),
-           "impl": impl, "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
+           "impl": impl, "dtype": dtype,
+           "bf16_units": native.bf16_units() if dtype == "bfloat16" and impl == "cpu" else None,
+           "spatial": list(spatial), "batch": batch, "unlabeled_batch": batch if ssl else 0,
            "features": features, "compile_s": round(compile_s, 2),
            "step_s": round(dt, 4), "steps_per_s": round(1 / dt, 3),
            "images_per_s": round(images / dt, 3), "flops_per_step": flops,
@@ -145,9 +151,10 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
     return rec
 
 
-def bench_torch(spatial, batch, steps, warmup, jax_rec):
-    """The peer's own timer, `torch_saunet.py`, in a child process (see the module docstring)."""
-    name = f"torch_peer_supervised_{len(spatial)}d"
+def bench_torch(spatial, batch, steps, warmup, jax_rec, amp=False):
+    """The peer's own timer, `torch_saunet.py`, in a child process (see the module docstring);
+    amp: under bfloat16 autocast."""
+    name = f"torch_peer_supervised_{len(spatial)}d" + ("_amp" if amp else "")
     if importlib.util.find_spec("torch") is None:
         emit({"name": name, "skipped": "torch not importable"})
         return
@@ -158,16 +165,19 @@ def bench_torch(spatial, batch, steps, warmup, jax_rec):
             "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
     if len(spatial) == 3:
         args += ["--depth", str(spatial[0])]
+    if amp:
+        args.append("--amp")
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         emit({"name": name, "skipped": f"peer failed: {run.stderr.strip()[-500:]}"})
         return
     peer = json.loads(run.stdout.strip().splitlines()[-1])
-    rec = {"name": name, "torch": peer["torch"], "threads": peer["threads"],
+    rec = {"name": name, "torch": peer["torch"], "amp_bfloat16": amp, "threads": peer["threads"],
            "spatial": peer["spatial"], "batch": batch, "params": peer["params"],
            "step_s": peer["step_s"], "images_per_s": peer["images_per_s"]}
     if jax_rec:
         rec["jax_impl"] = jax_rec["impl"]
+        rec["jax_dtype"] = jax_rec["dtype"]
         rec["jax_images_per_s"] = jax_rec["images_per_s"]
         rec["ratio_jax_over_torch"] = round(jax_rec["images_per_s"] / rec["images_per_s"], 3)
     emit(rec)
@@ -311,6 +321,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
     p.add_argument("--impls", default="auto",
                    help="comma-separated model impls to time (auto, xla, cpu), e.g. xla,cpu")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma-separated compute dtypes of the train steps (float32, bfloat16); "
+                        "the peer runs with --amp for bfloat16")
     a = p.parse_args()
     impls = a.impls.split(",")
     only = set(a.only.split(","))
@@ -322,12 +335,14 @@ def main():
     for name, spatial, batch in cases:
         big = np.prod(spatial) * batch > 300_000
         s, w = (2, 1) if big else (5, 2)
-        rec = None
-        for impl in impls if "train" in only else ():
-            bench_train(name, spatial, batch, True, s, w, peak, impl)
-            rec = bench_train(name, spatial, batch, False, s, w, peak, impl)
-        if "torch" in only and name in ("2d_128", "3d_32x64x64"):
-            bench_torch(spatial, batch, s, w, rec)  # ratio against the last impl timed
+        for dtype in a.dtypes.split(","):
+            rec = None
+            for impl in impls if "train" in only else ():
+                bench_train(name, spatial, batch, True, s, w, peak, impl, dtype=dtype)
+                rec = bench_train(name, spatial, batch, False, s, w, peak, impl, dtype=dtype)
+            if "torch" in only and name in ("2d_128", "3d_32x64x64"):
+                # ratio against the last impl timed
+                bench_torch(spatial, batch, s, w, rec, amp=dtype == "bfloat16")
     if "infer" in only:
         for name, spatial, batch in INFER_CASES[: 1 if a.quick else None]:
             for impl in impls:

@@ -149,10 +149,19 @@ def _kernel_grad(x, g, kernel_shape, padding, precision):
 NATIVE_MIN_WIDTH = 32
 
 
+def _bf16(*operands) -> bool:
+    """Whether bfloat16 operands go to oneDNN on the CPU's bf16 units (`native.conv_bf16`)."""
+    return all(o.dtype == jnp.bfloat16 for o in operands) and native.bf16_available()
+
+
 def _native_conv_or(xla_conv, x, kernel, padding):
-    """A stride-1 convolution by `native.conv` where it runs (CPU backend, an AVX-512 CPU,
-    float32, output channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
+    """A stride-1 convolution by `native.conv_bf16` for bfloat16 operands where the CPU has
+    bf16 units, by `native.conv` where it runs (CPU backend, an AVX-512 CPU, float32, output
+    channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
     `xla_conv(x, kernel)`."""
+    if min(min(pad) for pad in padding) >= 0 and _bf16(x, kernel):
+        return lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv_bf16(x, k, padding),
+                                      default=xla_conv)
     if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH
             and min(min(pad) for pad in padding) >= 0):
         return xla_conv(x, kernel)
@@ -161,12 +170,19 @@ def _native_conv_or(xla_conv, x, kernel, padding):
 
 
 def _native_kernel_grad_or(xla_kernel_grad, x, g, kernel_shape, padding):
-    """The kernel gradient by `native.conv_kernel_grad` where it runs, else by
-    `xla_kernel_grad(x, g)`."""
+    """The kernel gradient by `native.conv_kernel_grad_bf16` (bfloat16 operands, float32
+    result) or `native.conv_kernel_grad` where they run, else by `xla_kernel_grad(x, g)`."""
+    nd = x.ndim - 2
+    pad_lo = [lo for lo, _ in padding]
+    # oneDNN 3.2's bf16 kernel gradient is wrong for 3D inputs shallower than the kernel
+    # (e.g. 2 planes, 3x3x3; found by tests/test_bf16.py): those take XLA's.
+    if _bf16(x, g) and (nd == 2 or x.shape[1] >= kernel_shape[0]):
+        fast = lambda x, g: native.conv_kernel_grad_bf16(x, g, kernel_shape[:nd], pad_lo)
+        slow = lambda x, g: xla_kernel_grad(x, g).astype(jnp.float32)
+        return lax.platform_dependent(x, g, cpu=fast, default=slow)
     if not native.available(x.dtype, g.shape[-1]):
         return xla_kernel_grad(x, g)
-    nd = x.ndim - 2
-    fast = lambda x, g: native.conv_kernel_grad(x, g, kernel_shape[:nd], [lo for lo, _ in padding])
+    fast = lambda x, g: native.conv_kernel_grad(x, g, kernel_shape[:nd], pad_lo)
     return lax.platform_dependent(x, g, cpu=fast, default=xla_kernel_grad)
 
 

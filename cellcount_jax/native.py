@@ -8,17 +8,27 @@ is compiled when the package is installed (`setup.py`, optional: an install with
 compiler still works) and is used only where it can run: the CPU backend, an x86-64 CPU with
 AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `available`
 says no and the model keeps its XLA formulation. `CELLCOUNT_JAX_NATIVE=0` switches it off.
+
+`conv_bf16` and `conv_kernel_grad_bf16`: the same two for bfloat16 operands (float32
+accumulation; the kernel gradient in float32) through oneDNN (`csrc/dnnl_conv.cc`, the
+onednn-cpu-gomp wheel), used where `bf16_units` names the CPU's bf16 matrix units (AMX-BF16,
+AVX512-BF16; oneDNN picks its kernels for them at run time).
 """
 import ctypes
 import functools
+import glob
 import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
 
 KERNEL_GRAD_TARGET = "cellcount_conv_kernel_grad"
 CONV_TARGET = "cellcount_conv"
+BF16_CONV_TARGET = "cellcount_dnnl_conv"
+BF16_KERNEL_GRAD_TARGET = "cellcount_dnnl_conv_kernel_grad"
+BF16_UNITS = {0: None, 1: "avx512_bf16", 2: "amx_bf16"}
 
 
 @functools.cache
@@ -89,4 +99,95 @@ def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
     dk = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
         x, g, kz=np.int64(kz), ky=np.int64(ky), kx=np.int64(kx),
         pz=np.int64(pz), py=np.int64(py), px=np.int64(px))
+    return dk[0] if two_d else dk
+
+
+@functools.cache
+def _dnnl_library():
+    """The oneDNN bf16 library (`csrc/dnnl_conv.cc`) with its FFI targets registered, or None:
+    not built, oneDNN (the onednn-cpu-gomp wheel) not installed, or no bf16 units here."""
+    if os.environ.get("CELLCOUNT_JAX_NATIVE", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("cellcount_jax._dnnl")
+    if spec is None or not spec.origin:
+        return None
+    # The onednn-cpu-gomp wheel puts libdnnl.so.3 in the environment's lib/; loaded globally
+    # first, it is the one the library's dependency resolves to.
+    try:
+        lib = _libdnnl()
+        if lib:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    if not lib.cc_dnnl_bf16_isa():
+        return None
+    jax.ffi.register_ffi_target(BF16_CONV_TARGET, jax.ffi.pycapsule(lib.CcDnnlConv),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BF16_KERNEL_GRAD_TARGET,
+                                jax.ffi.pycapsule(lib.CcDnnlConvKernelGrad), platform="cpu")
+    return lib
+
+
+def _libdnnl():
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        files = distribution("onednn-cpu-gomp").files or ()
+        found = [distribution("onednn-cpu-gomp").locate_file(f) for f in files
+                 if str(f).endswith("libdnnl.so.3")]
+    except PackageNotFoundError:
+        found = glob.glob(os.path.join(sys.prefix, "lib", "libdnnl.so.3"))
+    return str(found[0]) if found else None
+
+
+def bf16_units():
+    """The CPU's bfloat16 matrix units the bf16 convolutions use: 'amx_bf16',
+    'avx512_bf16', or None (no such units, or oneDNN or its library missing)."""
+    lib = _dnnl_library()
+    return BF16_UNITS[lib.cc_dnnl_bf16_isa()] if lib else None
+
+
+def bf16_available() -> bool:
+    """Whether `conv_bf16` and `conv_kernel_grad_bf16` run on this machine's CPU."""
+    return _dnnl_library() is not None
+
+
+def _as_3d(x, kernel_spatial, padding):
+    if x.ndim == 4:  # 2D as 3D with one plane
+        return x[:, None], (1, *kernel_spatial), ((0, 0), *padding), True
+    return x, tuple(kernel_spatial), tuple(padding), False
+
+
+def conv_bf16(x, kernel, padding):
+    """`conv` in bfloat16: x (n, *spatial, ci) and kernel (*kernel_spatial, ci, co) bf16,
+    float32 accumulation (oneDNN on the CPU's bf16 units), bf16 result."""
+    if _dnnl_library() is None:
+        raise RuntimeError("the bf16 convolutions are not available here (native.bf16_units)")
+    nd = x.ndim - 2
+    x, ks, padding, two_d = _as_3d(x, kernel.shape[:nd], padding)
+    kernel = kernel[None] if two_d else kernel
+    out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(x.shape[1:4], ks, padding)]
+    y = jax.ffi.ffi_call(BF16_CONV_TARGET,
+                         jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), x.dtype),
+                         vmap_method="sequential")(
+        x, kernel, pz=np.int64(padding[0][0]), py=np.int64(padding[1][0]),
+        px=np.int64(padding[2][0]))
+    return y[:, 0] if two_d else y
+
+
+def conv_kernel_grad_bf16(x, g, kernel_spatial, pad_lo):
+    """`conv_kernel_grad` of bf16 x and g, float32 result (oneDNN, the CPU's bf16 units);
+    3D inputs need at least as many planes as the kernel."""
+    if _dnnl_library() is None:
+        raise RuntimeError("the bf16 convolutions are not available here (native.bf16_units)")
+    two_d = x.ndim == 4
+    if two_d:
+        x, g = x[:, None], g[:, None]
+        kernel_spatial, pad_lo = (1, *kernel_spatial), (0, *pad_lo)
+    elif x.shape[1] < kernel_spatial[0]:
+        raise ValueError(f"native.conv_kernel_grad_bf16: {x.shape[1]} planes, fewer than the "
+                         f"kernel's {kernel_spatial[0]}: oneDNN 3.2 gets these wrong")
+    out = jax.ShapeDtypeStruct((*kernel_spatial, x.shape[-1], g.shape[-1]), np.float32)
+    dk = jax.ffi.ffi_call(BF16_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
+        x, g, pz=np.int64(pad_lo[0]), py=np.int64(pad_lo[1]), px=np.int64(pad_lo[2]))
     return dk[0] if two_d else dk

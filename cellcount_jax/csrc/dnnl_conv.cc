@@ -1,0 +1,231 @@
+// bfloat16 stride-1 2D/3D convolutions and their kernel gradient on the CPU's bf16 units
+// (AMX tiles, AVX512-BF16), through oneDNN, as XLA FFI calls:
+//
+//   conv:        y[n, z, y, x, co] = sum_{t, ci} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
+//                                               * k[tz, ty, tx, ci, co]          (bf16 -> bf16)
+//   kernel grad: dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, ...] * g[n, z, y,
+//                                                                   x, co]     (bf16 -> float32)
+//
+// zero outside the input; float32 accumulation. Operands stay in their channels-last layout
+// (oneDNN's NHWC / NDHWC kernels); only the small kernel is reordered. 2D is the case of one
+// z plane and is run as a 2D primitive. The input gradient of a convolution is a convolution
+// (of the output gradient with the flipped, transposed kernel), so it is `conv` too.
+// Primitives are created once per shape and kept; each call brings its own scratchpad, so
+// concurrent calls from XLA's threads are safe. oneDNN picks its kernels from the CPU's
+// features at run time; `cc_dnnl_bf16_isa` says which bf16 units it will use (the Python side
+// uses this library only where there are some).
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Dims = memory::dims;
+using Tag = memory::format_tag;
+using Type = memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One convolution problem: input (n, d, h, w, ci), kernel (kd, kh, kw, ci, co), output
+// (n, od, oh, ow, co), low paddings; the high ones follow from the sizes.
+struct Shape {
+  int64_t n, d, h, w, ci, kd, kh, kw, co, od, oh, ow, pd, ph, pw;
+  bool two_d() const { return d == 1 && kd == 1 && od == 1 && pd == 0; }
+  auto key() const {
+    return std::make_tuple(n, d, h, w, ci, kd, kh, kw, co, od, oh, ow, pd, ph, pw);
+  }
+  Dims src() const { return two_d() ? Dims{n, ci, h, w} : Dims{n, ci, d, h, w}; }
+  Dims dst() const { return two_d() ? Dims{n, co, oh, ow} : Dims{n, co, od, oh, ow}; }
+  Dims weights() const { return two_d() ? Dims{co, ci, kh, kw} : Dims{co, ci, kd, kh, kw}; }
+  Dims strides() const { return two_d() ? Dims{1, 1} : Dims{1, 1, 1}; }
+  Dims pad_lo() const { return two_d() ? Dims{ph, pw} : Dims{pd, ph, pw}; }
+  Dims pad_hi() const {  // out = in + lo + hi - k + 1
+    Dims hi{od - d - pd + kd - 1, oh - h - ph + kh - 1, ow - w - pw + kw - 1};
+    return two_d() ? Dims{hi[1], hi[2]} : hi;
+  }
+  Tag act() const { return two_d() ? Tag::nhwc : Tag::ndhwc; }
+  Tag ker() const { return two_d() ? Tag::hwio : Tag::dhwio; }
+  memory::desc md(const Dims& dims, Type type, Tag tag) const { return {dims, type, tag}; }
+};
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Shape& s) {
+  return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          s.md(s.src(), Type::bf16, s.act()), s.md(s.weights(), Type::bf16, Tag::any),
+          s.md(s.dst(), Type::bf16, s.act()), s.strides(), s.pad_lo(), s.pad_hi(),
+          UserScratchpad()};
+}
+
+struct Forward {
+  dnnl::convolution_forward conv;
+  dnnl::reorder to_weights;  // the user's (d)hwio kernel -> the primitive's layout
+  memory::desc weights, scratch, reorder_scratch;
+  explicit Forward(const Shape& s) {
+    auto pd = ForwardDesc(s);
+    auto rpd = dnnl::reorder::primitive_desc(Engine(), s.md(s.weights(), Type::bf16, s.ker()),
+                                             Engine(), pd.weights_desc(), UserScratchpad());
+    conv = dnnl::convolution_forward(pd);
+    to_weights = dnnl::reorder(rpd);
+    weights = pd.weights_desc();
+    scratch = pd.scratchpad_desc();
+    reorder_scratch = rpd.scratchpad_desc();
+  }
+};
+
+struct KernelGrad {
+  dnnl::convolution_backward_weights conv;
+  dnnl::reorder to_user;  // the primitive's float32 kernel gradient -> (d)hwio
+  memory::desc grad, scratch, reorder_scratch;
+  explicit KernelGrad(const Shape& s) {
+    auto hint = ForwardDesc(s);
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, s.md(s.src(), Type::bf16, s.act()),
+        s.md(s.weights(), Type::f32, Tag::any), s.md(s.dst(), Type::bf16, s.act()),
+        s.strides(), s.pad_lo(), s.pad_hi(), hint, UserScratchpad());
+    auto rpd = dnnl::reorder::primitive_desc(Engine(), pd.diff_weights_desc(), Engine(),
+                                             s.md(s.weights(), Type::f32, s.ker()),
+                                             UserScratchpad());
+    conv = dnnl::convolution_backward_weights(pd);
+    to_user = dnnl::reorder(rpd);
+    grad = pd.diff_weights_desc();
+    scratch = pd.scratchpad_desc();
+    reorder_scratch = rpd.scratchpad_desc();
+  }
+};
+
+template <typename P>
+const P& Cached(const Shape& s) {
+  static std::mutex mutex;
+  static std::map<decltype(s.key()), std::unique_ptr<P>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& p = cache[s.key()];
+  if (!p) p = std::make_unique<P>(s);
+  return *p;
+}
+
+// A buffer of a memory desc's size, 64-byte aligned (as oneDNN's kernels expect), owned by
+// the call.
+struct Owned {
+  std::vector<uint8_t> bytes;
+  memory mem;
+  explicit Owned(const memory::desc& md) : bytes(md.get_size() + 64) {
+    auto at = reinterpret_cast<uintptr_t>(bytes.data());
+    mem = memory(md, Engine(), bytes.data() + (-at & 63));
+  }
+};
+
+template <typename T>
+memory Wrap(const Shape& s, const Dims& dims, Type type, Tag tag, T* data) {
+  return memory(s.md(dims, type, tag), Engine(), const_cast<void*>(static_cast<const void*>(data)));
+}
+
+ffi::Error Check(const Shape& s, const char* what) {
+  if (s.n < 1 || s.ci < 1 || s.co < 1 || s.od < 1 || s.oh < 1 || s.ow < 1)
+    return ffi::Error::InvalidArgument(std::string(what) + ": empty operands");
+  return ffi::Error::Success();
+}
+
+template <typename Buf>
+bool FiveD(const Buf& b) { return b.dimensions().size() == 5; }
+
+ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
+                    ffi::ResultBuffer<ffi::BF16> y, int64_t pz, int64_t py, int64_t px) {
+  if (!FiveD(in) || !FiveD(k) || !FiveD(*y))
+    return ffi::Error::InvalidArgument("dnnl conv: expects (n, z, y, x, c) x (z, y, x, in, out)");
+  auto xd = in.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4],
+          yd[1], yd[2], yd[3], pz, py, px};
+  if (auto e = Check(s, "dnnl conv"); e.failure()) return e;
+  try {
+    const Forward& f = Cached<Forward>(s);
+    dnnl::stream stream(Engine());
+    Owned weights(f.weights), scratch(f.scratch), reorder_scratch(f.reorder_scratch);
+    memory user_k = Wrap(s, s.weights(), Type::bf16, s.ker(), k.typed_data());
+    f.to_weights.execute(stream, {{DNNL_ARG_FROM, user_k}, {DNNL_ARG_TO, weights.mem},
+                                  {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
+    f.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
+                            {DNNL_ARG_WEIGHTS, weights.mem},
+                            {DNNL_ARG_DST, Wrap(s, s.dst(), Type::bf16, s.act(), y->typed_data())},
+                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("dnnl conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGradImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> g,
+                          ffi::ResultBuffer<ffi::F32> dk, int64_t pz, int64_t py, int64_t px) {
+  if (!FiveD(in) || !FiveD(g) || !FiveD(*dk))
+    return ffi::Error::InvalidArgument("dnnl kernel grad: expects (n, z, y, x, c) operands");
+  auto xd = in.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], gd[4],
+          gd[1], gd[2], gd[3], pz, py, px};
+  if (auto e = Check(s, "dnnl kernel grad"); e.failure()) return e;
+  try {
+    const KernelGrad& b = Cached<KernelGrad>(s);
+    dnnl::stream stream(Engine());
+    Owned grad(b.grad), scratch(b.scratch), reorder_scratch(b.reorder_scratch);
+    b.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
+                            {DNNL_ARG_DIFF_DST,
+                             Wrap(s, s.dst(), Type::bf16, s.act(), g.typed_data())},
+                            {DNNL_ARG_DIFF_WEIGHTS, grad.mem},
+                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+    memory user = Wrap(s, s.weights(), Type::f32, s.ker(), dk->typed_data());
+    b.to_user.execute(stream, {{DNNL_ARG_FROM, grad.mem}, {DNNL_ARG_TO, user},
+                               {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("dnnl kernel grad: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcDnnlConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("pz")
+                                  .Attr<int64_t>("py")
+                                  .Attr<int64_t>("px"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcDnnlConvKernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pz")
+                                  .Attr<int64_t>("py")
+                                  .Attr<int64_t>("px"));
+
+// The bf16 units oneDNN will use on this CPU: 2 AMX (AMX-BF16 tiles), 1 AVX512-BF16, 0 none
+// (then this library is not used).
+extern "C" int cc_dnnl_bf16_isa() {
+  // The ISA values are bit sets, each containing the ones below it.
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto has = [isa](dnnl::cpu_isa want) {
+    return (isa & static_cast<unsigned>(want)) == static_cast<unsigned>(want);
+  };
+  if (has(dnnl::cpu_isa::avx512_core_amx)) return 2;
+  if (has(dnnl::cpu_isa::avx512_core_bf16)) return 1;
+  return 0;
+}

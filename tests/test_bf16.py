@@ -1,0 +1,152 @@
+"""bfloat16 convolutions on the CPU's bf16 units (oneDNN through the XLA FFI): values against
+float32 `lax` convolutions of the same bf16 operands, the gradients of every convolution layer
+of SAU-Net against float32 `jax.grad`, the whole network against XLA's own bfloat16 path, and
+the fallback where the CPU has no bf16 units."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cellcount_jax import convolutions, models, native
+
+needs_units = pytest.mark.skipif(not native.bf16_available(),
+                                 reason="no bf16 units here, or oneDNN / its library missing")
+
+
+def _lax_conv(x, k, padding):
+    nd = x.ndim - 2
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    return lax.conv_general_dilated(x, k, (1,) * nd, padding, dimension_numbers=dn,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+CASES = [  # input shape, kernel shape, padding
+    ((2, 40, 36, 3), (3, 3, 3, 16), ((1, 1), (1, 1))),         # the RGB first layer
+    ((2, 40, 36, 16), (3, 3, 16, 32), ((1, 1), (1, 1))),
+    ((1, 12, 10, 64), (3, 3, 64, 32), ((1, 1), (1, 1))),        # a narrow bottleneck level
+    ((2, 24, 20, 24), (3, 3, 24, 16), ((2, 0), (0, 2))),        # asymmetric padding
+    ((1, 6, 20, 18, 1), (3, 3, 3, 1, 16), ((1, 1),) * 3),       # 3D, one channel
+    ((2, 5, 12, 16, 16), (3, 3, 3, 16, 32), ((1, 1),) * 3),
+    ((1, 3, 12, 10, 32), (3, 3, 3, 32, 32), ((1, 1),) * 3),     # as deep as the kernel
+]
+
+
+@needs_units
+@pytest.mark.parametrize("shape,kshape,padding", CASES)
+def test_bf16_convolution_and_kernel_gradient_match_float32(shape, kshape, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=kshape) / np.sqrt(np.prod(kshape[:-1])), jnp.bfloat16)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    y = jax.jit(lambda x, k: native.conv_bf16(x, k, padding))(x, k)
+    ref = _lax_conv(f32(x), f32(k), padding)
+    assert y.dtype == jnp.bfloat16 and y.shape == ref.shape
+    assert _rel(y, ref) < 2 ** -8  # float32 sums, rounded once to bf16
+    g = jnp.asarray(rng.normal(size=ref.shape), jnp.bfloat16)
+    nd = x.ndim - 2
+    dk = jax.jit(lambda x, g: native.conv_kernel_grad_bf16(
+        x, g, kshape[:nd], [lo for lo, _ in padding]))(x, g)
+    dk_ref = jax.vjp(lambda k: _lax_conv(f32(x), k, padding), f32(k))[1](f32(g))[0]
+    assert dk.dtype == jnp.float32 and _rel(dk, dk_ref) < 1e-5  # float32 sums of exact products
+
+
+def _layers(ndim, features=16, size=(48, 40), depth=8, channels=None):
+    """(input shape, kernel shape) of every 3x3(x3) convolution of SAU-Net (batch 1)."""
+    spatial = (depth, *size) if ndim == 3 else size
+    cin = channels or (3 if ndim == 2 else 1)
+    out = []
+    for level in range(models.LEVELS):
+        f = features * 2 ** level
+        s = tuple(v // 2 ** level for v in spatial)
+        out += [((1, *s, cin), (3,) * ndim + (cin, f)), ((1, *s, f), (3,) * ndim + (f, f))]
+        cin = f
+    for level in reversed(range(models.LEVELS - 1)):
+        f = features * 2 ** level
+        s = tuple(v // 2 ** level for v in spatial)
+        out += [((1, *s, 2 * f), (3,) * ndim + (2 * f, f)), ((1, *s, f), (3,) * ndim + (f, f))]
+    return out
+
+
+@needs_units
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_every_layer_s_gradients_match_float32_jax_grad(ndim):
+    """The model's convolution (`conv2d` / `conv3d_folded`, custom VJP) on bf16 operands:
+    forward, input and kernel gradients within bf16 tolerance (1e-2) of float32 jax.grad."""
+    conv = convolutions.conv2d if ndim == 2 else convolutions.conv3d_folded
+    rng = np.random.default_rng(1)
+    for shape, kshape in _layers(ndim):
+        x = rng.normal(size=shape).astype(np.float32)
+        k = (rng.normal(size=kshape) / np.sqrt(np.prod(kshape[:-1]))).astype(np.float32)
+        w = rng.normal(size=shape[:-1] + kshape[-1:]).astype(np.float32)
+        pads = ((1, 1),) * ndim
+
+        def loss16(x, k):
+            y = conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), pads)
+            return jnp.sum(y.astype(jnp.float32) * w)
+
+        def loss32(x, k):
+            return jnp.sum(_lax_conv(x, k, pads) * w)
+
+        dx, dk = jax.jit(jax.grad(loss16, (0, 1)))(x, k)
+        rx, rk = jax.grad(loss32, (0, 1))(x, k)
+        assert dx.dtype == jnp.float32 and dk.dtype == jnp.float32
+        assert _rel(dx, rx) < 1e-2 and _rel(dk, rk) < 1e-2, (shape, kshape)
+        assert "cellcount_dnnl" in jax.jit(jax.grad(loss16, (0, 1))).lower(x, k).as_text()
+
+
+@needs_units
+def test_the_bf16_network_is_as_close_to_float32_as_xla_s_bf16_path():
+    """Gradients of every parameter of the 2D network in bfloat16 (oneDNN), and of XLA's own
+    bfloat16 formulation, against float32: ours is no further from float32 than XLA's."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+    t = jnp.asarray(rng.uniform(size=(2, 64, 64)), jnp.float32)
+    nets = {name: models.SAUNet(features=16, dropout=0.0, dtype=dtype, impl=impl)
+            for name, dtype, impl in [("f32", jnp.float32, "xla"), ("ours", jnp.bfloat16, "cpu"),
+                                      ("xla_bf16", jnp.bfloat16, "xla")]}
+    params = nets["f32"].init(jax.random.key(0), x, train=False)["params"]
+
+    def grads(net):
+        loss = lambda p: jnp.mean((net.apply({"params": p}, x, train=False)  # noqa: E731
+                                   .astype(jnp.float32) - t) ** 2)
+        return jax.tree.leaves_with_path(jax.jit(jax.grad(loss))(params))
+
+    ref, ours, xla = (grads(nets[k]) for k in ("f32", "ours", "xla_bf16"))
+    for (path, r), (_, o), (_, b) in zip(ref, ours, xla):
+        scale = np.linalg.norm(r) + 1e-12
+        ours_err = np.linalg.norm(np.asarray(o) - r) / scale
+        xla_err = np.linalg.norm(np.asarray(b) - r) / scale
+        assert ours_err <= 1.5 * xla_err + 1e-3, (jax.tree_util.keystr(path), ours_err, xla_err)
+
+
+def test_without_bf16_units_bf16_convolutions_fall_back_to_xla():
+    """oneDNN limited to AVX-512 without bf16 (as on a CPU without bf16 units): no units are
+    reported, the bf16 convolution lowers to XLA's and still computes it."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from cellcount_jax import convolutions, native
+assert native.bf16_units() is None
+x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 16)), jnp.bfloat16)
+k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 16, 16)) * 0.1, jnp.bfloat16)
+f = jax.jit(lambda x, k: convolutions.conv2d(x, k, ((1, 1), (1, 1))))
+assert "cellcount_dnnl" not in f.lower(x, k).as_text()
+ref = jax.lax.conv_general_dilated(x.astype(jnp.float32), k.astype(jnp.float32), (1, 1),
+                                   ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+y = f(x, k).astype(jnp.float32)
+assert float(jnp.abs(y - ref).max() / jnp.abs(ref).max()) < 2 ** -7
+print("fallback ok")
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr[-2000:]
