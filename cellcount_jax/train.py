@@ -18,22 +18,33 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cellcount_jax import (checkpoints, convolutions, data, distributed, evaluation, losses,
-                           model_folder, models, optim, perturb, records)
+                           model_folder, models, native, optim, perturb, records)
 from cellcount_jax.errors import InputError
 
 AXIS = "batch"
 
 
+def compute_dtype(config) -> str:
+    """config.model.dtype resolved: 'float32' or 'bfloat16'; 'auto' is bfloat16 where the CPU
+    formulation runs on a CPU with bf16 units (`native.bf16_units`), else float32."""
+    name = config.model.dtype
+    if name not in ("float32", "bfloat16", "auto"):
+        raise InputError(f"config.model.dtype must be 'float32', 'bfloat16' or 'auto', "
+                         f"got {name!r}")
+    if name == "auto":
+        cpu = convolutions.resolve_impl(config.model.get("impl", "auto")) == "cpu"
+        name = "bfloat16" if cpu and native.bf16_available() else "float32"
+    return name
+
+
 def create_model(config):
-    """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 (accelerators),
-    with float32 parameters and optimizer state; `model.impl` ('auto' | 'xla' | 'cpu') picks
+    """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 (on the CPU's
+    bf16 units where it has some, `native`), with float32 parameters, optimizer state, norms
+    and loss (`compute_dtype` resolves 'auto'); `model.impl` ('auto' | 'xla' | 'cpu') picks
     the convolution formulation, resolved here for the current backend."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if config.model.dtype not in dtypes:
-        raise InputError(f"config.model.dtype must be one of {sorted(dtypes)}, "
-                         f"got {config.model.dtype!r}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype(config)]
     return models.SAUNet(features=config.model.features, dropout=config.model.dropout,
-                         dtype=dtypes[config.model.dtype],
+                         dtype=dtype,
                          impl=convolutions.resolve_impl(config.model.get("impl", "auto")))
 
 
@@ -280,7 +291,10 @@ def train(config, workdir: str, allow_config_change: bool = False):
     rng = jax.random.key(config.seed)
     state = create_train_state(config, model, tx, jax.random.fold_in(rng, 0),
                                (1,) + crop + (channels,))
-    log(f"SAU-Net {len(crop)}D, {models.count_params(state['params']):,} parameters, "
+    dtype = compute_dtype(config)
+    units = native.bf16_units() if dtype == "bfloat16" and model.impl == "cpu" else None
+    log(f"SAU-Net {len(crop)}D, {models.count_params(state['params']):,} parameters, {dtype}"
+        + (f" on the CPU's {units} units" if units else "") + ", "
         f"{steps} steps of {config.train.batch} labeled"
         + (f" + {config.train.unlabeled_batch} unlabeled"
            if config.ssl.enabled and train_set.unlabeled else "")

@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
     c.model = ml_collections.ConfigDict()
     c.model.features = 16           # 32 in the paper; 16 keeps the CPU quickstart short
     c.model.dropout = 0.3           # attention dropout while training
-    c.model.dtype = "float32"       # 'bfloat16': mixed precision (float32 params/optimizer)
+    c.model.dtype = "float32"       # bfloat16 / auto: mixed precision (float32 params/optimizer)
     c.model.impl = "auto"           # convolution formulation: 'cpu' on CPU, 'xla' on GPU/TPU
 
     c.data = ml_collections.ConfigDict()

@@ -150,3 +150,17 @@ print("fallback ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_bf16_units():
+    from configs import quickstart
+    from cellcount_jax import train
+    c = quickstart.get_config()
+    c.model.dtype = "auto"
+    c.model.impl = "cpu"
+    assert train.compute_dtype(c) == ("bfloat16" if native.bf16_available() else "float32")
+    c.model.impl = "xla"  # the formulation for accelerators keeps float32 by default
+    assert train.compute_dtype(c) == "float32"
+    c.model.dtype = "float16"
+    with pytest.raises(Exception, match="must be 'float32', 'bfloat16' or 'auto'"):
+        train.compute_dtype(c)
