@@ -18,8 +18,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -120,13 +120,13 @@ const P& Cached(const Shape& s) {
 }
 
 // A buffer of a memory desc's size, 64-byte aligned (as oneDNN's kernels expect), owned by
-// the call.
+// the call and not cleared (the primitives write before they read).
 struct Owned {
-  std::vector<uint8_t> bytes;
+  std::unique_ptr<uint8_t[]> bytes;
   memory mem;
-  explicit Owned(const memory::desc& md) : bytes(md.get_size() + 64) {
-    auto at = reinterpret_cast<uintptr_t>(bytes.data());
-    mem = memory(md, Engine(), bytes.data() + (-at & 63));
+  explicit Owned(const memory::desc& md) : bytes(new uint8_t[md.get_size() + 64]) {
+    auto at = reinterpret_cast<uintptr_t>(bytes.get());
+    mem = memory(md, Engine(), bytes.get() + (-at & 63));
   }
 };
 
