@@ -183,6 +183,37 @@ def bench_torch(spatial, batch, steps, warmup, jax_rec, amp=False):
     emit(rec)
 
 
+def conv_layers(spatial, batch, channels, features=32):
+    """(input shape, kernel shape) of every 3x3(x3) convolution of SAU-Net."""
+    nd, cin, out = len(spatial), channels, []
+    for level in range(models.LEVELS):
+        f, s = features * 2 ** level, tuple(v // 2 ** level for v in spatial)
+        out += [((batch, *s, cin), (3,) * nd + (cin, f)), ((batch, *s, f), (3,) * nd + (f, f))]
+        cin = f
+    for level in reversed(range(models.LEVELS - 1)):
+        f, s = features * 2 ** level, tuple(v // 2 ** level for v in spatial)
+        out += [((batch, *s, 2 * f), (3,) * nd + (2 * f, f)), ((batch, *s, f), (3,) * nd + (f, f))]
+    return out
+
+
+def bench_convs(name, spatial, batch, dtype, steps, warmup):
+    """Forward + input and kernel gradients of every 3x3(x3) convolution of SAU-Net (f = 32)
+    by the CPU formulation, one layer at a time: the share of the step they take."""
+    conv = convolutions.conv2d if len(spatial) == 2 else convolutions.conv3d_folded
+    pads = ((1, 1),) * len(spatial)
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for shape, kshape in conv_layers(spatial, batch, 3 if len(spatial) == 2 else 1):
+        x = jnp.asarray(rng.normal(size=shape), dtype)
+        k = jnp.asarray(rng.normal(size=kshape) * 0.1, dtype)
+        grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, pads).astype(jnp.float32) ** 2),
+                                (0, 1)))
+        total += timed(lambda: grad(x, k), (), steps, warmup)
+    emit({"name": f"convs_{name}", **device_info(), "dtype": dtype,
+          "bf16_units": native.bf16_units() if dtype == "bfloat16" else None,
+          "spatial": list(spatial), "batch": batch, "layers_s": round(total, 4)})
+
+
 def bench_infer(name, spatial, batch, steps, warmup, impl):
     ch = 3 if len(spatial) == 2 else 1
     model = models.SAUNet(32, impl=convolutions.resolve_impl(impl))
@@ -316,7 +347,7 @@ def bench_records(blocks, block_steps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="train,torch,infer,targets,post,records",
-                   help="comma-separated subset of train,torch,infer,targets,post,records")
+                   help="comma-separated subset of train,torch,convs,infer,targets,post,records")
     p.add_argument("--cases", default="", help="comma-separated train case names to run")
     p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
     p.add_argument("--impls", default="auto",
@@ -343,6 +374,8 @@ def main():
             if "torch" in only and name in ("2d_128", "3d_32x64x64"):
                 # ratio against the last impl timed
                 bench_torch(spatial, batch, s, w, rec, amp=dtype == "bfloat16")
+            if "convs" in only:
+                bench_convs(name, spatial, batch, dtype, s, w)
     if "infer" in only:
         for name, spatial, batch in INFER_CASES[: 1 if a.quick else None]:
             for impl in impls:
