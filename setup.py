@@ -4,7 +4,8 @@
   jaxlib ships.
 - `_dnnl` (`dnnl_conv.cc`): bfloat16 convolutions through oneDNN, against the headers and
   library of the onednn-devel-cpu-gomp / onednn-cpu-gomp wheels (a build requirement on
-  x86-64 Linux; at run time the onednn-cpu-gomp wheel's libdnnl.so.3 is loaded first).
+  x86-64 Linux); it runs where the `cpu-bf16` extra (the onednn-cpu-gomp wheel, whose
+  libdnnl.so.3 is loaded first) is installed.
 
 If one does not build (no C++ compiler, no oneDNN, another platform), the install goes on and
 the model uses its XLA formulation there.

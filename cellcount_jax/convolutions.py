@@ -175,8 +175,10 @@ def _native_kernel_grad_or(xla_kernel_grad, x, g, kernel_shape, padding):
     nd = x.ndim - 2
     pad_lo = [lo for lo, _ in padding]
     # oneDNN 3.2's bf16 kernel gradient is wrong for 3D inputs shallower than the kernel
-    # (e.g. 2 planes, 3x3x3; found by tests/test_bf16.py): those take XLA's.
-    if _bf16(x, g) and (nd == 2 or x.shape[1] >= kernel_shape[0]):
+    # (e.g. 2 planes, 3x3x3; found by tests/test_bf16.py): inputs smaller than the kernel
+    # along any axis take XLA's.
+    if (_bf16(x, g) and min(min(pad) for pad in padding) >= 0
+            and all(s >= k for s, k in zip(x.shape[1:-1], kernel_shape[:nd]))):
         fast = lambda x, g: native.conv_kernel_grad_bf16(x, g, kernel_shape[:nd], pad_lo)
         slow = lambda x, g: xla_kernel_grad(x, g).astype(jnp.float32)
         return lax.platform_dependent(x, g, cpu=fast, default=slow)

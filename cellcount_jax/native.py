@@ -132,9 +132,8 @@ def _dnnl_library():
 def _libdnnl():
     from importlib.metadata import PackageNotFoundError, distribution
     try:
-        files = distribution("onednn-cpu-gomp").files or ()
-        found = [distribution("onednn-cpu-gomp").locate_file(f) for f in files
-                 if str(f).endswith("libdnnl.so.3")]
+        dist = distribution("onednn-cpu-gomp")
+        found = [dist.locate_file(f) for f in dist.files or () if str(f).endswith("libdnnl.so.3")]
     except PackageNotFoundError:
         found = glob.glob(os.path.join(sys.prefix, "lib", "libdnnl.so.3"))
     return str(found[0]) if found else None
@@ -177,16 +176,17 @@ def conv_bf16(x, kernel, padding):
 
 def conv_kernel_grad_bf16(x, g, kernel_spatial, pad_lo):
     """`conv_kernel_grad` of bf16 x and g, float32 result (oneDNN, the CPU's bf16 units);
-    3D inputs need at least as many planes as the kernel."""
+    the input must be at least as large as the kernel along every axis."""
     if _dnnl_library() is None:
         raise RuntimeError("the bf16 convolutions are not available here (native.bf16_units)")
     two_d = x.ndim == 4
     if two_d:
         x, g = x[:, None], g[:, None]
         kernel_spatial, pad_lo = (1, *kernel_spatial), (0, *pad_lo)
-    elif x.shape[1] < kernel_spatial[0]:
-        raise ValueError(f"native.conv_kernel_grad_bf16: {x.shape[1]} planes, fewer than the "
-                         f"kernel's {kernel_spatial[0]}: oneDNN 3.2 gets these wrong")
+    if any(s < k for s, k in zip(x.shape[1:4], kernel_spatial)):
+        raise ValueError(f"native.conv_kernel_grad_bf16: input {x.shape[1:4]} smaller than the "
+                         f"kernel {tuple(kernel_spatial)} along an axis: oneDNN 3.2 gets 3D "
+                         f"inputs with fewer planes than the kernel wrong")
     out = jax.ShapeDtypeStruct((*kernel_spatial, x.shape[-1], g.shape[-1]), np.float32)
     dk = jax.ffi.ffi_call(BF16_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
         x, g, pz=np.int64(pad_lo[0]), py=np.int64(pad_lo[1]), px=np.int64(pad_lo[2]))

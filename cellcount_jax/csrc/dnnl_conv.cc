@@ -14,6 +14,7 @@
 // concurrent calls from XLA's threads are safe. oneDNN picks its kernels from the CPU's
 // features at run time; `cc_dnnl_bf16_isa` says which bf16 units it will use (the Python side
 // uses this library only where there are some).
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -135,7 +136,14 @@ memory Wrap(const Shape& s, const Dims& dims, Type type, Tag tag, T* data) {
   return memory(s.md(dims, type, tag), Engine(), const_cast<void*>(static_cast<const void*>(data)));
 }
 
-ffi::Error Check(const Shape& s, const char* what) {
+// Operands that agree: the output size follows from the input, kernel and paddings with
+// non-negative high paddings, and nothing is empty.
+ffi::Error Check(const Shape& s, int64_t in_channels, int64_t batch, const char* what) {
+  const auto hi = s.pad_hi();
+  const bool fits = std::all_of(hi.begin(), hi.end(), [](int64_t v) { return v >= 0; }) &&
+                    s.pd >= 0 && s.ph >= 0 && s.pw >= 0;
+  if (in_channels != s.ci || batch != s.n || !fits)
+    return ffi::Error::InvalidArgument(std::string(what) + ": operand shapes do not agree");
   if (s.n < 1 || s.ci < 1 || s.co < 1 || s.od < 1 || s.oh < 1 || s.ow < 1)
     return ffi::Error::InvalidArgument(std::string(what) + ": empty operands");
   return ffi::Error::Success();
@@ -151,7 +159,7 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
   auto xd = in.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4],
           yd[1], yd[2], yd[3], pz, py, px};
-  if (auto e = Check(s, "dnnl conv"); e.failure()) return e;
+  if (auto e = Check(s, kd[3], yd[0], "dnnl conv"); e.failure()) return e;
   try {
     const Forward& f = Cached<Forward>(s);
     dnnl::stream stream(Engine());
@@ -164,7 +172,7 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
                             {DNNL_ARG_DST, Wrap(s, s.dst(), Type::bf16, s.act(), y->typed_data())},
                             {DNNL_ARG_SCRATCHPAD, scratch.mem}});
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // oneDNN's errors, or out of memory
     return ffi::Error::Internal(std::string("dnnl conv: ") + e.what());
   }
   return ffi::Error::Success();
@@ -177,7 +185,7 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> g,
   auto xd = in.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
   Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], gd[4],
           gd[1], gd[2], gd[3], pz, py, px};
-  if (auto e = Check(s, "dnnl kernel grad"); e.failure()) return e;
+  if (auto e = Check(s, kd[3], gd[0], "dnnl kernel grad"); e.failure()) return e;
   try {
     const KernelGrad& b = Cached<KernelGrad>(s);
     dnnl::stream stream(Engine());
@@ -191,7 +199,7 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> g,
     b.to_user.execute(stream, {{DNNL_ARG_FROM, grad.mem}, {DNNL_ARG_TO, user},
                                {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("dnnl kernel grad: ") + e.what());
   }
   return ffi::Error::Success();
