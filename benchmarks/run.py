@@ -198,16 +198,19 @@ def conv_layers(spatial, batch, channels, features=32):
 
 def bench_convs(name, spatial, batch, dtype, steps, warmup):
     """Forward + input and kernel gradients of every 3x3(x3) convolution of SAU-Net (f = 32)
-    by the CPU formulation, one layer at a time: the share of the step they take."""
-    conv = convolutions.conv2d if len(spatial) == 2 else convolutions.conv3d_folded
+    by the CPU formulation (in bfloat16: `conv_bf16`, float32 operands and results, as in
+    the network), one layer at a time: the share of the step they take."""
+    if dtype == "bfloat16":
+        conv = convolutions.conv_bf16
+    else:
+        conv = convolutions.conv2d if len(spatial) == 2 else convolutions.conv3d_folded
     pads = ((1, 1),) * len(spatial)
     rng = np.random.default_rng(0)
     total = 0.0
     for shape, kshape in conv_layers(spatial, batch, 3 if len(spatial) == 2 else 1):
-        x = jnp.asarray(rng.normal(size=shape), dtype)
-        k = jnp.asarray(rng.normal(size=kshape) * 0.1, dtype)
-        grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, pads).astype(jnp.float32) ** 2),
-                                (0, 1)))
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        k = jnp.asarray(rng.normal(size=kshape) * 0.1, jnp.float32)
+        grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, pads) ** 2), (0, 1)))
         total += timed(lambda: grad(x, k), (), steps, warmup)
     emit({"name": f"convs_{name}", **device_info(), "dtype": dtype,
           "bf16_units": native.bf16_units() if dtype == "bfloat16" else None,

@@ -1,5 +1,5 @@
 """How SAU-Net's convolutions, pooling and upsampling are computed: one set of parameters,
-several formulations with the same values.
+several formulations with the same float32 values.
 
 `impl` picks the formulation:
 - 'xla': `lax` convolutions as written (3D kernels, transposed convolutions), what XLA's
@@ -11,10 +11,12 @@ several formulations with the same values.
   the channels) and a kernel gradient whose operands swap roles where that moves less data;
   2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed convolution as one matrix
   product + depth-to-space, the 1x1(x1) output convolution as a matrix product. 2.5-7x faster
-  training on CPU than 'xla'; see docs/performance.md.
+  training on CPU than 'xla'; see docs/performance.md. In bfloat16 (`conv_bf16`) the 3x3(x3)
+  convolutions round their operands to bf16 and run on the CPU's bf16 units through oneDNN
+  (float32 accumulation and results); everything else stays float32.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 
-The network reaches them through `conv_fn(impl, kernel_size)` (the `conv_general_dilated` of
+The network reaches them through `conv_fn(impl, kernel_size, dtype)` (the `conv_general_dilated` of
 its `nn.Conv` layers), `max_pool2` and `upsample2`. `jit` compiles with `compiler_options()`,
 which on XLA:CPU routes the remaining convolutions to its Eigen kernels instead of the YNNPACK
 fusions; `train.Parallel` uses the same options.
@@ -149,19 +151,10 @@ def _kernel_grad(x, g, kernel_shape, padding, precision):
 NATIVE_MIN_WIDTH = 32
 
 
-def _bf16(*operands) -> bool:
-    """Whether bfloat16 operands go to oneDNN on the CPU's bf16 units (`native.conv_bf16`)."""
-    return all(o.dtype == jnp.bfloat16 for o in operands) and native.bf16_available()
-
-
 def _native_conv_or(xla_conv, x, kernel, padding):
-    """A stride-1 convolution by `native.conv_bf16` for bfloat16 operands where the CPU has
-    bf16 units, by `native.conv` where it runs (CPU backend, an AVX-512 CPU, float32, output
-    channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
+    """A stride-1 convolution by `native.conv` where it runs (CPU backend, an AVX-512 CPU,
+    float32, output channels a multiple of 16, rows at least NATIVE_MIN_WIDTH wide), else by
     `xla_conv(x, kernel)`."""
-    if min(min(pad) for pad in padding) >= 0 and _bf16(x, kernel):
-        return lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv_bf16(x, k, padding),
-                                      default=xla_conv)
     if not (native.available(x.dtype, kernel.shape[-1]) and x.shape[-2] >= NATIVE_MIN_WIDTH
             and min(min(pad) for pad in padding) >= 0):
         return xla_conv(x, kernel)
@@ -170,20 +163,12 @@ def _native_conv_or(xla_conv, x, kernel, padding):
 
 
 def _native_kernel_grad_or(xla_kernel_grad, x, g, kernel_shape, padding):
-    """The kernel gradient by `native.conv_kernel_grad_bf16` (bfloat16 operands, float32
-    result) or `native.conv_kernel_grad` where they run, else by `xla_kernel_grad(x, g)`."""
-    nd = x.ndim - 2
-    pad_lo = [lo for lo, _ in padding]
-    # oneDNN 3.2's bf16 kernel gradient is wrong for 3D inputs shallower than the kernel
-    # (e.g. 2 planes, 3x3x3; found by tests/test_bf16.py): inputs smaller than the kernel
-    # along any axis take XLA's.
-    if (_bf16(x, g) and min(min(pad) for pad in padding) >= 0
-            and all(s >= k for s, k in zip(x.shape[1:-1], kernel_shape[:nd]))):
-        fast = lambda x, g: native.conv_kernel_grad_bf16(x, g, kernel_shape[:nd], pad_lo)
-        slow = lambda x, g: xla_kernel_grad(x, g).astype(jnp.float32)
-        return lax.platform_dependent(x, g, cpu=fast, default=slow)
+    """The kernel gradient by `native.conv_kernel_grad` where it runs, else by
+    `xla_kernel_grad(x, g)`."""
     if not native.available(x.dtype, g.shape[-1]):
         return xla_kernel_grad(x, g)
+    nd = x.ndim - 2
+    pad_lo = [lo for lo, _ in padding]
     fast = lambda x, g: native.conv_kernel_grad(x, g, kernel_shape[:nd], pad_lo)
     return lax.platform_dependent(x, g, cpu=fast, default=xla_kernel_grad)
 
@@ -252,6 +237,80 @@ conv2d.defvjp(functools.partial(_conv_fwd, conv2d.fun), _conv2d_bwd)
 conv3d_folded.defvjp(functools.partial(_conv_fwd, conv3d_folded.fun), _conv3d_folded_bwd)
 
 
+def _lax_conv(x, kernel, padding):
+    """Stride-1 `lax` convolution, channels last (NHWC x HWIO or NDHWC x DHWIO), float32 result."""
+    nd = x.ndim - 2
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    return lax.conv_general_dilated(x, kernel, (1,) * nd, padding, dimension_numbers=dn,
+                                    preferred_element_type=jnp.float32)
+
+
+def _bf16_units_conv(x, kernel, padding):
+    """bf16 x and kernel -> float32, by `native.conv_bf16` where the CPU has bf16 units."""
+    if native.bf16_available() and min(min(pad) for pad in padding) >= 0:
+        return lax.platform_dependent(
+            x, kernel, cpu=lambda x, k: native.conv_bf16(x, k, padding),
+            default=lambda x, k: _lax_conv(x, k, padding))
+    return _lax_conv(x, kernel, padding)
+
+
+def _bf16_kernel_grad(x, g, kernel_shape, padding):
+    """d/dkernel of sum(g * conv(x, kernel)) for bf16 x and g, float32, by
+    `native.conv_kernel_grad_bf16` where it runs."""
+    nd = x.ndim - 2
+    xla = lambda x, g: jax.vjp(lambda k: _lax_conv(x.astype(jnp.float32), k, padding),  # noqa: E731
+                               jnp.zeros(kernel_shape, jnp.float32))[1](g.astype(jnp.float32))[0]
+    # oneDNN 3.2's bf16 kernel gradient is wrong for 3D inputs shallower than the kernel
+    # (e.g. 2 planes, 3x3x3; found by tests/test_bf16.py): inputs smaller than the kernel
+    # along any axis take XLA's.
+    if not (native.bf16_available() and min(min(pad) for pad in padding) >= 0
+            and all(s >= k for s, k in zip(x.shape[1:-1], kernel_shape[:nd]))):
+        return xla(x, g)
+    fast = lambda x, g: native.conv_kernel_grad_bf16(x, g, kernel_shape[:nd],  # noqa: E731
+                                                     [lo for lo, _ in padding])
+    return lax.platform_dependent(x, g, cpu=fast, default=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_bf16(x, kernel, padding):
+    """Stride-1 2D or 3D convolution (NHWC x HWIO, NDHWC x DHWIO), `padding` ((lo, hi),) per
+    spatial axis, of x and kernel rounded to bfloat16, with float32 accumulation and a float32
+    result (forward, input gradient and kernel gradient alike): on the CPU's bf16 units through
+    oneDNN (`native.conv_bf16`) where it has some, else XLA's convolution of the bf16
+    operands. Only the bf16 copies of x and kernel are kept for the backward pass."""
+    return _bf16_units_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), padding)
+
+
+def _conv_bf16_fwd(x, kernel, padding):
+    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    # Empty arrays carry the operands' dtypes (a residual must be an array).
+    dtypes = (jnp.zeros(0, x.dtype), jnp.zeros(0, kernel.dtype))
+    return _bf16_units_conv(xb, kb, padding), (xb, kb, dtypes)
+
+
+def _conv_bf16_bwd(padding, res, g):
+    xb, kb, (x_like, k_like) = res
+    gb = g.astype(jnp.bfloat16)
+    nd = xb.ndim - 2
+    # The input gradient is the convolution of g with the flipped, transposed kernel.
+    flipped = jnp.swapaxes(jnp.flip(kb, tuple(range(nd))), -1, -2)
+    pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kb.shape[:nd], padding))
+    dx = _bf16_units_conv(gb, flipped, pads)
+    dk = _bf16_kernel_grad(xb, gb, kb.shape, padding)
+    return dx.astype(x_like.dtype), dk.astype(k_like.dtype)
+
+
+conv_bf16.defvjp(_conv_bf16_fwd, _conv_bf16_bwd)
+
+
+def conv_bf16_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """`lax.conv_general_dilated` for channels-last operands, stride 1, undilated, through
+    `conv_bf16` (float32 result)."""
+    pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+    return conv_bf16(lhs, rhs, pads)
+
+
 def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None, **unused):
     """`lax.conv_general_dilated` for a 1x1(x1) kernel, channels last, stride 1: a matrix
@@ -261,12 +320,16 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     assert all(s == 1 for s in window_strides)
     return jnp.einsum("...c,co->...o", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
 
-def conv_fn(impl: str, kernel_size):
-    """The `conv_general_dilated` of an `nn.Conv` with this kernel size under `impl`."""
+def conv_fn(impl: str, kernel_size, dtype=jnp.float32):
+    """The `conv_general_dilated` of an `nn.Conv` with this kernel size under `impl`; with
+    dtype bfloat16 on the 'cpu' path, `conv_bf16_general` for the kernels larger than 1x1(x1)
+    (the layer itself then computes in float32)."""
     if resolve_impl(impl) == "xla":
         return lax.conv_general_dilated
     if all(k == 1 for k in kernel_size):
         return pointwise_conv
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return conv_bf16_general
     return conv2d_cpu if len(kernel_size) == 2 else conv_z_as_batch
 
 

@@ -8,7 +8,8 @@ The encoder and the decoder are callable on their own (`SAUNet.encode`, `SAUNet.
 that a train step can perturb encoder features between them (the paper's student branch).
 
 `impl` ('auto' | 'xla' | 'cpu') picks how convolutions, pooling and upsampling are computed
-(`convolutions`); the parameters and the values do not depend on it.
+(`convolutions`); the parameters and the float32 values do not depend on it (in bfloat16,
+'cpu' rounds only the 3x3(x3) convolutions' operands, 'xla' the whole network).
 """
 from typing import Any, Sequence
 
@@ -39,10 +40,11 @@ def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS 
 
 
 
-def _conv(features, kernel, impl, dtype, name=None):
-    """nn.Conv, 'SAME', with the convolution of `impl`."""
+def _conv(features, kernel, impl, dtype, conv_dtype=None, name=None):
+    """nn.Conv, 'SAME', computing in `dtype`, with the convolution of `impl` in `conv_dtype`
+    (default `dtype`)."""
     return nn.Conv(features, kernel, padding="SAME", dtype=dtype, name=name,
-                   conv_general_dilated=convolutions.conv_fn(impl, kernel))
+                   conv_general_dilated=convolutions.conv_fn(impl, kernel, conv_dtype or dtype))
 
 
 class UpConv(nn.Module):
@@ -62,16 +64,19 @@ class UpConv(nn.Module):
         return convolutions.upsample2(x, kernel, self.impl) + bias
 
 class Block(nn.Module):
-    """Two times [3x3(x3) conv with bias, SAME -> ReLU -> InstanceNorm] (activation before norm)."""
+    """Two times [3x3(x3) conv with bias, SAME -> ReLU -> InstanceNorm] (activation before norm);
+    the convolutions compute in `conv_dtype` (default `dtype`)."""
     features: int
     dtype: Any = jnp.float32
     impl: str = "xla"
+    conv_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         k = (3,) * (x.ndim - 2)
         for _ in range(2):
-            x = _norm(self.dtype)(nn.relu(_conv(self.features, k, self.impl, self.dtype)(x)))
+            conv = _conv(self.features, k, self.impl, self.dtype, self.conv_dtype)
+            x = _norm(self.dtype)(nn.relu(conv(x)))
         return x
 
 
@@ -103,6 +108,7 @@ class Encoder(nn.Module):
     dropout: float = 0.3
     dtype: Any = jnp.float32
     impl: str = "xla"
+    conv_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -110,10 +116,12 @@ class Encoder(nn.Module):
         check_spatial(x.shape, ndim)
         skips = []
         for level in range(LEVELS - 1):
-            x = Block(self.features * 2 ** level, self.dtype, self.impl, name=f"down{level}")(x)
+            x = Block(self.features * 2 ** level, self.dtype, self.impl, self.conv_dtype,
+                      name=f"down{level}")(x)
             skips.append(x)
             x = convolutions.max_pool2(x, self.impl)
-        x = Block(self.features * 2 ** (LEVELS - 1), self.dtype, self.impl, name="bottom")(x)
+        x = Block(self.features * 2 ** (LEVELS - 1), self.dtype, self.impl, self.conv_dtype,
+                  name="bottom")(x)
         x = SelfAttention(self.dropout, self.dtype, name="attention")(x, train)
         return tuple(skips) + (x,)
 
@@ -122,6 +130,7 @@ class Decoder(nn.Module):
     features: int = 32
     dtype: Any = jnp.float32
     impl: str = "xla"
+    conv_dtype: Any = None
 
     @nn.compact
     def __call__(self, feats):
@@ -131,7 +140,7 @@ class Decoder(nn.Module):
             f = self.features * 2 ** level
             x = UpConv(f, self.impl, self.dtype, name=f"up{level}")(x)
             x = _norm(self.dtype, f"up_norm{level}")(nn.relu(x))
-            x = Block(f, self.dtype, self.impl, name=f"dec{level}")(
+            x = Block(f, self.dtype, self.impl, self.conv_dtype, name=f"dec{level}")(
                 jnp.concatenate([skips[level], x], axis=-1))
         y = _conv(1, (1,) * ndim, self.impl, self.dtype, name="head")(x)
         return nn.relu(y)[..., 0].astype(jnp.float32)
@@ -143,8 +152,10 @@ class SAUNet(nn.Module):
     `__call__(x, train)`: x (batch, [z,] y, x, channels) -> density (batch, [z,] y, x), >= 0.
     Spatial sizes must be multiples of 8. dtype: the compute dtype (e.g. bfloat16 on
     accelerators); parameters stay float32, norms and softmax compute in float32, the
-    density comes back as float32. impl: 'xla' | 'cpu' | 'auto', see the module docstring;
-    parameters do not depend on it.
+    density comes back as float32. On the 'cpu' path bfloat16 applies to the 3x3(x3)
+    convolutions only (the CPU's bf16 units, `convolutions.conv_bf16`) and the rest computes
+    in float32, as XLA:CPU runs its other bf16 operations in float32 with extra conversions.
+    impl: 'xla' | 'cpu' | 'auto', see the module docstring; parameters do not depend on it.
     """
     features: int = 32
     dropout: float = 0.3
@@ -152,8 +163,9 @@ class SAUNet(nn.Module):
     impl: str = "xla"
 
     def setup(self):
-        self.encoder = Encoder(self.features, self.dropout, self.dtype, self.impl)
-        self.decoder = Decoder(self.features, self.dtype, self.impl)
+        dtype = jnp.float32 if convolutions.resolve_impl(self.impl) == "cpu" else self.dtype
+        self.encoder = Encoder(self.features, self.dropout, dtype, self.impl, self.dtype)
+        self.decoder = Decoder(self.features, dtype, self.impl, self.dtype)
 
     def encode(self, x, train: bool = False):
         """Returns (skip0, skip1, skip2, bottleneck): the features a student branch perturbs."""

@@ -10,7 +10,7 @@ AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `av
 says no and the model keeps its XLA formulation. `CELLCOUNT_JAX_NATIVE=0` switches it off.
 
 `conv_bf16` and `conv_kernel_grad_bf16`: the same two for bfloat16 operands (float32
-accumulation; the kernel gradient in float32) through oneDNN (`csrc/dnnl_conv.cc`, the
+accumulation and results) through oneDNN (`csrc/dnnl_conv.cc`, the
 onednn-cpu-gomp wheel), used where `bf16_units` names the CPU's bf16 matrix units (AMX-BF16,
 AVX512-BF16; oneDNN picks its kernels for them at run time).
 """
@@ -158,8 +158,8 @@ def _as_3d(x, kernel_spatial, padding):
 
 
 def conv_bf16(x, kernel, padding):
-    """`conv` in bfloat16: x (n, *spatial, ci) and kernel (*kernel_spatial, ci, co) bf16,
-    float32 accumulation (oneDNN on the CPU's bf16 units), bf16 result."""
+    """`conv` of bfloat16 operands: x (n, *spatial, ci) and kernel (*kernel_spatial, ci, co)
+    bf16, float32 accumulation and result (oneDNN on the CPU's bf16 units)."""
     if _dnnl_library() is None:
         raise RuntimeError("the bf16 convolutions are not available here (native.bf16_units)")
     nd = x.ndim - 2
@@ -167,7 +167,7 @@ def conv_bf16(x, kernel, padding):
     kernel = kernel[None] if two_d else kernel
     out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(x.shape[1:4], ks, padding)]
     y = jax.ffi.ffi_call(BF16_CONV_TARGET,
-                         jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), x.dtype),
+                         jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), np.float32),
                          vmap_method="sequential")(
         x, kernel, pz=np.int64(padding[0][0]), py=np.int64(padding[1][0]),
         px=np.int64(padding[2][0]))

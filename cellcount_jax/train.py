@@ -38,10 +38,11 @@ def compute_dtype(config) -> str:
 
 
 def create_model(config):
-    """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 (on the CPU's
-    bf16 units where it has some, `native`), with float32 parameters, optimizer state, norms
-    and loss (`compute_dtype` resolves 'auto'); `model.impl` ('auto' | 'xla' | 'cpu') picks
-    the convolution formulation, resolved here for the current backend."""
+    """SAU-Net of config.model; `model.dtype` 'bfloat16' computes in bfloat16 with float32
+    parameters, optimizer state, norms and loss (on the 'cpu' formulation only the 3x3(x3)
+    convolutions, on the CPU's bf16 units where it has some; `models.SAUNet`); `compute_dtype`
+    resolves 'auto'. `model.impl` ('auto' | 'xla' | 'cpu') picks the convolution formulation,
+    resolved here for the current backend."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype(config)]
     return models.SAUNet(features=config.model.features, dropout=config.model.dropout,
                          dtype=dtype,

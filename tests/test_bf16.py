@@ -1,7 +1,9 @@
 """bfloat16 convolutions on the CPU's bf16 units (oneDNN through the XLA FFI): values against
 float32 `lax` convolutions of the same bf16 operands, the gradients of every convolution layer
-of SAU-Net against float32 `jax.grad`, the whole network against XLA's own bfloat16 path, and
+of SAU-Net against float32 `jax.grad`, the whole network's gradient (trained parameters)
+against the same bf16 rounding emulated in float32 and against XLA's own bfloat16 network, and
 the fallback where the CPU has no bf16 units."""
+import functools
 import os
 import subprocess
 import sys
@@ -50,8 +52,8 @@ def test_bf16_convolution_and_kernel_gradient_match_float32(shape, kshape, paddi
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     y = jax.jit(lambda x, k: native.conv_bf16(x, k, padding))(x, k)
     ref = _lax_conv(f32(x), f32(k), padding)
-    assert y.dtype == jnp.bfloat16 and y.shape == ref.shape
-    assert _rel(y, ref) < 2 ** -8  # float32 sums, rounded once to bf16
+    assert y.dtype == jnp.float32 and y.shape == ref.shape
+    assert _rel(y, ref) < 1e-5  # float32 sums of exact products
     g = jnp.asarray(rng.normal(size=ref.shape), jnp.bfloat16)
     nd = x.ndim - 2
     dk = jax.jit(lambda x, g: native.conv_kernel_grad_bf16(
@@ -73,13 +75,11 @@ def test_inputs_smaller_than_the_kernel():
         x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
         k = jnp.asarray(rng.normal(size=kshape) * 0.1, jnp.bfloat16)
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-        assert _rel(native.conv_bf16(x, k, pads), _lax_conv(f32(x), f32(k), pads)) < 2 ** -8
+        assert _rel(native.conv_bf16(x, k, pads), _lax_conv(f32(x), f32(k), pads)) < 1e-5
         with pytest.raises(ValueError, match="smaller than the kernel"):
             native.conv_kernel_grad_bf16(x, x, (3,) * nd, (1,) * nd)
-        conv = convolutions.conv2d if nd == 2 else convolutions.conv3d_folded
         w = rng.normal(size=shape[:-1] + (16,)).astype(np.float32)
-        loss16 = lambda x, k: jnp.sum(conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),  # noqa: E731
-                                           pads).astype(jnp.float32) * w)
+        loss16 = lambda x, k: jnp.sum(convolutions.conv_bf16(x, k, pads) * w)  # noqa: E731
         loss32 = lambda x, k: jnp.sum(_lax_conv(x, k, pads) * w)  # noqa: E731
         got = jax.grad(loss16, (0, 1))(f32(x), f32(k))
         ref = jax.grad(loss32, (0, 1))(f32(x), f32(k))
@@ -106,9 +106,8 @@ def _layers(ndim, features=16, size=(48, 40), depth=8, channels=None):
 @needs_units
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_every_layer_s_gradients_match_float32_jax_grad(ndim):
-    """The model's convolution (`conv2d` / `conv3d_folded`, custom VJP) on bf16 operands:
-    forward, input and kernel gradients within bf16 tolerance (1e-2) of float32 jax.grad."""
-    conv = convolutions.conv2d if ndim == 2 else convolutions.conv3d_folded
+    """The model's bf16 convolution (`conv_bf16`, custom VJP): forward, input and kernel
+    gradients within bf16 tolerance (1e-2) of float32 jax.grad."""
     rng = np.random.default_rng(1)
     for shape, kshape in _layers(ndim):
         x = rng.normal(size=shape).astype(np.float32)
@@ -117,41 +116,71 @@ def test_every_layer_s_gradients_match_float32_jax_grad(ndim):
         pads = ((1, 1),) * ndim
 
         def loss16(x, k):
-            y = conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), pads)
-            return jnp.sum(y.astype(jnp.float32) * w)
+            y = convolutions.conv_bf16(x, k, pads)
+            assert y.dtype == jnp.float32
+            return jnp.sum(y * w)
 
         def loss32(x, k):
             return jnp.sum(_lax_conv(x, k, pads) * w)
 
+        y, y_ref = jax.jit(convolutions.conv_bf16, static_argnums=2)(x, k, pads), _lax_conv(x, k, pads)
         dx, dk = jax.jit(jax.grad(loss16, (0, 1)))(x, k)
         rx, rk = jax.grad(loss32, (0, 1))(x, k)
-        assert _rel(dx, rx) < 1e-2 and _rel(dk, rk) < 1e-2, (shape, kshape)
+        assert dx.dtype == dk.dtype == jnp.float32
+        assert _rel(y, y_ref) < 1e-2 and _rel(dx, rx) < 1e-2 and _rel(dk, rk) < 1e-2, (shape, kshape)
         assert "cellcount_dnnl" in jax.jit(jax.grad(loss16, (0, 1))).lower(x, k).as_text()
 
 
+def _emulated_bf16_conv():
+    """conv_bf16's rounding emulated with float32 `lax` convolutions: operands and output
+    gradient rounded to bf16, everything computed in float32."""
+    bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def conv(x, k, padding):
+        return _lax_conv(bf(x), bf(k), padding)
+
+    def bwd(padding, res, g):
+        return jax.vjp(lambda x, k: _lax_conv(x, k, padding), *res)[1](bf(g))
+
+    conv.defvjp(lambda x, k, padding: (conv(x, k, padding), (bf(x), bf(k))), bwd)
+    return conv
+
+
 @needs_units
-def test_the_bf16_network_is_as_close_to_float32_as_xla_s_bf16_path():
-    """Gradients of every parameter of the 2D network in bfloat16 (oneDNN), and of XLA's own
-    bfloat16 formulation, against float32: ours is no further from float32 than XLA's."""
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
-    t = jnp.asarray(rng.uniform(size=(2, 64, 64)), jnp.float32)
-    nets = {name: models.SAUNet(features=16, dropout=0.0, dtype=dtype, impl=impl)
-            for name, dtype, impl in [("f32", jnp.float32, "xla"), ("ours", jnp.bfloat16, "cpu"),
-                                      ("xla_bf16", jnp.bfloat16, "xla")]}
-    params = nets["f32"].init(jax.random.key(0), x, train=False)["params"]
+def test_the_bf16_network_s_gradient_is_as_close_to_float32_as_bf16_rounding_allows(monkeypatch):
+    """The whole 2D network (trained parameters, a synthetic image): its parameter gradient
+    in bfloat16 is as far from float32 as the same rounding emulated in float32, and as XLA's
+    own bfloat16 network. (Per parameter the two differ: a sum that lands on the other side
+    of a bf16 rounding boundary changes the next layer's input, and instance norms amplify
+    it; the gradient as a whole is what training follows.)"""
+    from cellcount_jax import checkpoints
+    from cellcount_jax.data import synthetic_set
+    from cellcount_jax.data.dataset import make_targets
+    images, dots = synthetic_set(0, 2, shape=(64, 64), num_cells=(30, 60), radius=4.0,
+                                 spacing=(1.0, 1.0), channels=3)
+    x = np.stack(images).astype(np.float32)
+    x = (x - x.mean()) / x.std()
+    t = np.stack(make_targets(images, dots, "inverse_distance", 100.0, (1.0, 1.0)))
+    _, params = checkpoints.restore_params(os.path.join(os.path.dirname(__file__), "..",
+                                                        "pretrained", "vgg2d_cpu"))
 
-    def grads(net):
-        loss = lambda p: jnp.mean((net.apply({"params": p}, x, train=False)  # noqa: E731
-                                   .astype(jnp.float32) - t) ** 2)
-        return jax.tree.leaves_with_path(jax.jit(jax.grad(loss))(params))
+    def grads(dtype, impl):
+        net = models.SAUNet(features=16, dropout=0.0, dtype=dtype, impl=impl)
+        loss = lambda p: jnp.mean((net.apply({"params": p}, x, train=False) - t) ** 2)  # noqa: E731
+        g = jax.jit(jax.grad(loss))(params)
+        return np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)])
 
-    ref, ours, xla = (grads(nets[k]) for k in ("f32", "ours", "xla_bf16"))
-    for (path, r), (_, o), (_, b) in zip(ref, ours, xla):
-        scale = np.linalg.norm(r) + 1e-12
-        ours_err = np.linalg.norm(np.asarray(o) - r) / scale
-        xla_err = np.linalg.norm(np.asarray(b) - r) / scale
-        assert ours_err <= 1.5 * xla_err + 1e-3, (jax.tree_util.keystr(path), ours_err, xla_err)
+    ref = grads(jnp.float32, "xla")
+    ours = grads(jnp.bfloat16, "cpu")
+    xla_bf16 = grads(jnp.bfloat16, "xla")
+    monkeypatch.setattr(convolutions, "conv_bf16", _emulated_bf16_conv())
+    emulated = grads(jnp.bfloat16, "cpu")
+    err = {k: np.linalg.norm(v - ref) / np.linalg.norm(ref)
+           for k, v in [("ours", ours), ("emulated", emulated), ("xla_bf16", xla_bf16)]}
+    # ours and the emulation differ only in the order of float32 sums.
+    assert err["ours"] <= 1.5 * err["emulated"] and err["ours"] <= 1.5 * err["xla_bf16"], err
+    assert np.dot(ours, ref) / np.linalg.norm(ours) / np.linalg.norm(ref) > 0.98, err
 
 
 def test_without_bf16_units_bf16_convolutions_fall_back_to_xla():
@@ -161,14 +190,20 @@ def test_without_bf16_units_bf16_convolutions_fall_back_to_xla():
 import jax, jax.numpy as jnp, numpy as np
 from cellcount_jax import convolutions, native
 assert native.bf16_units() is None
-x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 16)), jnp.bfloat16)
-k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 16, 16)) * 0.1, jnp.bfloat16)
-f = jax.jit(lambda x, k: convolutions.conv2d(x, k, ((1, 1), (1, 1))))
-assert "cellcount_dnnl" not in f.lower(x, k).as_text()
-ref = jax.lax.conv_general_dilated(x.astype(jnp.float32), k.astype(jnp.float32), (1, 1),
-                                   ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-y = f(x, k).astype(jnp.float32)
-assert float(jnp.abs(y - ref).max() / jnp.abs(ref).max()) < 2 ** -7
+x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 16)), jnp.float32)
+k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 16, 16)) * 0.1, jnp.float32)
+w = jnp.asarray(np.random.default_rng(2).normal(size=(1, 16, 16, 16)), jnp.float32)
+pads = ((1, 1), (1, 1))
+loss = lambda conv: lambda x, k: jnp.sum(conv(x, k) * w)
+ours = jax.jit(jax.value_and_grad(loss(lambda x, k: convolutions.conv_bf16(x, k, pads)), (0, 1)))
+assert "cellcount_dnnl" not in ours.lower(x, k).as_text()
+ref_conv = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST)
+bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+(v, grads), (rv, rgrads) = ours(x, k), jax.value_and_grad(loss(ref_conv), (0, 1))(bf(x), bf(k))
+rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+assert rel(v, rv) < 1e-3 and all(rel(a, b) < 1e-2 for a, b in zip(grads, rgrads))
 print("fallback ok")
 """
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")

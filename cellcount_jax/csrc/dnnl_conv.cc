@@ -2,7 +2,7 @@
 // (AMX tiles, AVX512-BF16), through oneDNN, as XLA FFI calls:
 //
 //   conv:        y[n, z, y, x, co] = sum_{t, ci} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
-//                                               * k[tz, ty, tx, ci, co]          (bf16 -> bf16)
+//                                               * k[tz, ty, tx, ci, co]       (bf16 -> float32)
 //   kernel grad: dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, ...] * g[n, z, y,
 //                                                                   x, co]     (bf16 -> float32)
 //
@@ -66,11 +66,10 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Shape& s) {
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Shape& s, Type dst) {
   return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
           s.md(s.src(), Type::bf16, s.act()), s.md(s.weights(), Type::bf16, Tag::any),
-          s.md(s.dst(), Type::bf16, s.act()), s.strides(), s.pad_lo(), s.pad_hi(),
-          UserScratchpad()};
+          s.md(s.dst(), dst, s.act()), s.strides(), s.pad_lo(), s.pad_hi(), UserScratchpad()};
 }
 
 struct Forward {
@@ -78,7 +77,7 @@ struct Forward {
   dnnl::reorder to_weights;  // the user's (d)hwio kernel -> the primitive's layout
   memory::desc weights, scratch, reorder_scratch;
   explicit Forward(const Shape& s) {
-    auto pd = ForwardDesc(s);
+    auto pd = ForwardDesc(s, Type::f32);
     auto rpd = dnnl::reorder::primitive_desc(Engine(), s.md(s.weights(), Type::bf16, s.ker()),
                                              Engine(), pd.weights_desc(), UserScratchpad());
     conv = dnnl::convolution_forward(pd);
@@ -94,7 +93,7 @@ struct KernelGrad {
   dnnl::reorder to_user;  // the primitive's float32 kernel gradient -> (d)hwio
   memory::desc grad, scratch, reorder_scratch;
   explicit KernelGrad(const Shape& s) {
-    auto hint = ForwardDesc(s);
+    auto hint = ForwardDesc(s, Type::bf16);
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, s.md(s.src(), Type::bf16, s.act()),
         s.md(s.weights(), Type::f32, Tag::any), s.md(s.dst(), Type::bf16, s.act()),
@@ -153,7 +152,7 @@ template <typename Buf>
 bool FiveD(const Buf& b) { return b.dimensions().size() == 5; }
 
 ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
-                    ffi::ResultBuffer<ffi::BF16> y, int64_t pz, int64_t py, int64_t px) {
+                    ffi::ResultBuffer<ffi::F32> y, int64_t pz, int64_t py, int64_t px) {
   if (!FiveD(in) || !FiveD(k) || !FiveD(*y))
     return ffi::Error::InvalidArgument("dnnl conv: expects (n, z, y, x, c) x (z, y, x, in, out)");
   auto xd = in.dimensions(), kd = k.dimensions(), yd = y->dimensions();
@@ -169,7 +168,7 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
                                   {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
     f.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
                             {DNNL_ARG_WEIGHTS, weights.mem},
-                            {DNNL_ARG_DST, Wrap(s, s.dst(), Type::bf16, s.act(), y->typed_data())},
+                            {DNNL_ARG_DST, Wrap(s, s.dst(), Type::f32, s.act(), y->typed_data())},
                             {DNNL_ARG_SCRATCHPAD, scratch.mem}});
     stream.wait();
   } catch (const std::exception& e) {  // oneDNN's errors, or out of memory
@@ -211,7 +210,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcDnnlConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pz")
                                   .Attr<int64_t>("py")
                                   .Attr<int64_t>("px"));
