@@ -163,7 +163,9 @@ class SAUNet(nn.Module):
     impl: str = "xla"
 
     def setup(self):
-        dtype = jnp.float32 if convolutions.resolve_impl(self.impl) == "cpu" else self.dtype
+        cpu_bf16 = (convolutions.resolve_impl(self.impl) == "cpu"
+                    and jnp.dtype(self.dtype) == jnp.bfloat16)
+        dtype = jnp.float32 if cpu_bf16 else self.dtype
         self.encoder = Encoder(self.features, self.dropout, dtype, self.impl, self.dtype)
         self.decoder = Decoder(self.features, dtype, self.impl, self.dtype)
 
