@@ -4,7 +4,7 @@
                     [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
                     [--config.<block>.<field>=VALUE ...] [--distributed | --coordinator=HOST:PORT
                     --num_processes=N --process_id=I]
-    cellcount evaluate --workdir=DIR
+    cellcount evaluate --workdir=DIR [--tta | --notta]
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
                       [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
@@ -122,6 +122,9 @@ def define_flags():
     flags.DEFINE_string("scheduler", "", "predict: run the tiles on the Dask cluster of this "
                         "scheduler address (tcp://host:port), e.g. one started by dask-jobqueue.")
     flags.DEFINE_bool("progress", True, "predict: a progress bar (tiles, voxels/s, ETA).")
+    flags.DEFINE_bool("tta", None, "evaluate: recalibrate and score with (--tta) or without "
+                      "(--notta) test-time augmentation (the mean over the image's flips), and "
+                      "keep it in the model folder for predict (default: the folder's setting).")
     flags.DEFINE_bool("distributed", False, "train, evaluate: one process of a multi-process "
                       "job (jax.distributed): on TPU pods, SLURM and Open MPI nothing else is "
                       "needed; elsewhere give --coordinator, --num_processes and --process_id "
@@ -191,7 +194,7 @@ def run(command: str):
     if command == "evaluate":
         if not FLAGS.workdir:
             raise InputError("evaluate needs --workdir (a model folder)")
-        return train.evaluate_workdir(FLAGS.workdir)
+        return train.evaluate_workdir(FLAGS.workdir, FLAGS.tta)
     model = FLAGS.model or FLAGS.workdir
     if not model:
         raise InputError("predict needs --model (a model folder)")

@@ -5,7 +5,12 @@ Two count readouts:
   'peaks' (local maxima above the threshold) or 'auto' (whichever does better on the labeled
   training images); the count is the number of detections;
 - integration: sum of the density divided by the mean target mass per dot measured on the
-  labeled training targets (for Gaussian maps this is ~target_scale, the classic readout).
+  labeled training targets (for Gaussian maps this is ~target_scale, the classic readout);
+- corrected: the detections plus the cells that crowding hides. Two cells closer than the
+  network resolves give one peak, and in a field of cells the number of such merges grows
+  with the number of close pairs, so the count is n + c * p, where p is the number of pairs of
+  detections within `crowding_distance` (twice the match radius) and c is fitted by least
+  squares on the calibration images.
 The detection threshold is the candidate with the best F1 on the labeled training images, or
 on held-out bands of them (`data.holdout`; `calibrate_record`, stored in the model
 folder), never chosen on the test set. Where images have regions of interest, only the dots
@@ -56,11 +61,27 @@ def calibrate(maps, dots, candidates, radius, spacing=None, detector="components
     return best[1]
 
 
+def crowding(preds, dots, distance, spacing=None):
+    """{'distance', 'per_pair'}: the least-squares c of true = detected + c * close pairs
+    (pairs of detections within `distance`) over images (0 where no image has a pair)."""
+    pairs = np.array([postprocess.close_pairs(p, distance, spacing) for p in preds])
+    missed = np.array([len(d) - len(p) for p, d in zip(preds, dots)], np.float64)
+    c = float(pairs @ missed / (pairs @ pairs)) if pairs.any() else 0.0
+    return {"distance": float(distance), "per_pair": c}
+
+
+def corrected_count(points, crowd, spacing=None) -> float:
+    """The detections' count plus the cells that crowding hides (`crowding`)."""
+    return len(points) + crowd["per_pair"] * postprocess.close_pairs(points, crowd["distance"],
+                                                                     spacing)
+
+
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
-          mass_per_dot=None, rois=None, min_distance=0.0):
+          mass_per_dot=None, rois=None, min_distance=0.0, crowd=None):
     """Scores at each radius in `radii` (the first is the headline) plus per-image rows; with
     `rois`, of the dots and detections inside each image's region of interest (and the
-    integration count of the map's mass there)."""
+    integration count of the map's mass there); with `crowd` (`crowding`), the corrected
+    count's MAE too."""
     dots, detect = _within(maps, dots, rois, spacing)
     preds = detect(detector, threshold, min_size, min_distance)
     out = metrics.evaluate_points(preds, dots, radii[0], spacing)
@@ -75,9 +96,14 @@ def score(maps, dots, threshold, radii, spacing=None, detector="components", min
         if mass_per_dot:
             mass = np.sum(m) if r is None else np.sum(m[r])
             rows[-1]["integrated_count"] = float(mass / mass_per_dot)
+        if crowd:
+            rows[-1]["corrected_count"] = round(corrected_count(p, crowd, spacing), 2)
     if mass_per_dot:
         out["mae_integration"] = float(np.mean([abs(r["integrated_count"] - r["true_count"])
                                                 for r in rows]))
+    if crowd:
+        out["mae_corrected"] = float(np.mean([abs(r["corrected_count"] - r["true_count"])
+                                              for r in rows]))
     return out, preds, rows
 
 
@@ -107,8 +133,11 @@ def calibrate_record(config, predictor, splits):
     detector = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
                          ev.detector, ev.min_size, cal.rois, _min_distances(ev))
     held_out = bool(config.data.get("holdout", 0.0))
+    dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
+    preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"])
     predictor.record["detector"] = {
         **detector, "min_size": int(ev.min_size), "radius": float(ev.radius),
+        "crowding": crowding(preds, dots, 2 * float(ev.radius), splits["spacing"]),
         "calibrated_on": f"{'held-out bands of ' if held_out else ''}{len(cal.images)} labeled "
                          f"training images"}
 
@@ -116,7 +145,7 @@ def calibrate_record(config, predictor, splits):
 def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=True):
     """Scores a calibrated `predictor` on splits['test'] and returns the summary:
     {'model': {...}[, 'raw_threshold': {...}], ...} with mae (detections), mae_integration,
-    precision, recall, f1 at `eval.radius`, `by_radius` for `eval.extra_radii`.
+    mae_corrected, precision, recall, f1 at `eval.radius`, `by_radius` for `eval.extra_radii`.
 
     With `workdir`: eval.json (summary), eval_per_image.csv and eval_detections.csv (every
     detection of every test image, inside its region of interest where it has one; pixel and
@@ -131,7 +160,7 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     mass = predictor.record["target"]["mass_per_dot"]
     model_scores, preds, rows = score(test_maps, test.dots, d["threshold"], radii, spacing,
                                       d["name"], d["min_size"], mass, test.rois,
-                                      d.get("min_distance", 0.0))
+                                      d.get("min_distance", 0.0), d.get("crowding"))
     model_scores["detector"] = d["name"]
     summary = {"model": model_scores}
     if baseline:
@@ -177,16 +206,17 @@ def write_detections(path, names, points, spacing):
 
 def format_table(summary):
     radii = list(summary["model"]["by_radius"])
-    head = f"{'method':<15}{'MAE':>7}{'MAE int':>8}{'prec':>8}{'recall':>8}" + "".join(
-        f"{'F1@' + r:>9}" for r in radii) + f"{'count':>8}{'true':>7}"
+    head = (f"{'method':<15}{'MAE':>7}{'MAE int':>8}{'MAE cor':>8}{'prec':>8}{'recall':>8}"
+            + "".join(f"{'F1@' + r:>9}" for r in radii)) + f"{'count':>8}{'true':>7}"
     rows = [f"held-out images: {summary['num_test_images']}, detector {summary['detector']}, "
             f"headline radius {summary['radius']}", head]
     for name in ("model", "raw_threshold"):
         if name not in summary:
             continue
         r = summary[name]
-        mi = r.get("mae_integration")
+        mi, mc = r.get("mae_integration"), r.get("mae_corrected")
         rows.append(f"{name:<15}{r['mae']:>7.2f}{'' if mi is None else f'{mi:.2f}':>8}"
+                    f"{'' if mc is None else f'{mc:.2f}':>8}"
                     f"{100 * r['precision']:>7.2f}%{100 * r['recall']:>7.2f}%"
                     + "".join(f"{100 * r['by_radius'][k]['f1']:>8.2f}%" for k in radii)
                     + f"{r['count_mean']:>8.1f}{r['true_count_mean']:>7.1f}")

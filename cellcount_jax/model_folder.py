@@ -8,11 +8,13 @@
 
 The inference record holds the rank, input channels, voxel spacing, the network's shape, the
 fitted normalisation, the target kind and scale (with the mass of one dot's target, for the
-integration count), the training crop, the prediction tile and context, the detector and
-threshold once calibrated, and the package version. `load_model(workdir)` builds a
+integration count), the training crop, the prediction tile and context, whether prediction
+averages flips (test-time augmentation), the detector, threshold and crowding correction once
+calibrated, and the package version. `load_model(workdir)` builds a
 `Predictor` from the folder alone: no config file, no optimizer.
 """
 import dataclasses
+import itertools
 import json
 import os
 from typing import Optional
@@ -134,6 +136,7 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
                    "sigma": float(config.target.sigma), "mass_per_dot": float(mass_per_dot)},
         "train_crop": [int(c) for c in config.train.crop],
         "tiling": _tiling_of(config),
+        "test_time_augmentation": bool((config.get("predict") or {}).get("tta", False)),
         "detector": None,
     }
 
@@ -174,11 +177,13 @@ def read_record(workdir: str) -> dict:
 class Detections:
     """Detected cells of one image: `pixels` and `physical` (n, ndim) coordinates in axis order
     ([z,] y, x), `density` (n,) the map's value at each, `count_integration` the map's mass
-    divided by the mass of one dot's target."""
+    divided by the mass of one dot's target, `count_corrected` the detections plus the cells
+    that crowding hides (`evaluation.crowding`; their number where the model has none)."""
     pixels: np.ndarray
     physical: np.ndarray
     density: np.ndarray
     count_integration: float
+    count_corrected: float
 
     def __len__(self):
         return len(self.pixels)
@@ -213,8 +218,36 @@ class Predictor:
                              f"{image.shape}")
         return image
 
+    @property
+    def tta(self) -> bool:
+        """Test-time augmentation (the record's `test_time_augmentation`): each window's
+        density is the mean over its flips (`augmentations`)."""
+        return bool(self.record.get("test_time_augmentation", False))
+
+    def augmentations(self):
+        """The (flipped axes, transposed) pairs of test-time augmentation: every combination
+        of flips of the spatial axes, each also with the last two axes swapped where their
+        spacing is equal (2D: the 8 symmetries of the square; 3D: 16)."""
+        swaps = (False, True) if self.spacing[-1] == self.spacing[-2] else (False,)
+        flips = [tuple(a for a, on in enumerate(f) if on)
+                 for f in itertools.product((False, True), repeat=self.ndim)]
+        return [(f, s) for f in flips for s in swaps]
+
     def network(self, x) -> np.ndarray:
-        """The density (*spatial) of one normalised network input (*spatial, C) of any size."""
+        """The density (*spatial) of one normalised network input (*spatial, C) of any size
+        (with `tta`, the mean of the densities of its `augmentations`, each mapped back)."""
+        if not self.tta:
+            return self._network(x)
+        last = (self.ndim - 2, self.ndim - 1)
+        total = 0.0
+        for axes, swap in self.augmentations():
+            y = np.flip(x, axes) if axes else x
+            d = self._network(np.ascontiguousarray(np.swapaxes(y, *last) if swap else y))
+            d = np.swapaxes(d, *last) if swap else d
+            total = total + (np.flip(d, axes) if axes else d)
+        return (total / len(self.augmentations())).astype(np.float32)
+
+    def _network(self, x) -> np.ndarray:
         m = 2 ** (models.LEVELS - 1)
         spatial = x.shape[:-1]
         pad = [(0, -s % m) for s in spatial] + [(0, 0)]
@@ -261,24 +294,33 @@ class Predictor:
         return postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
                                        d.get("min_distance", 0.0), self.spacing)
 
-    def detections(self, pixels, density_at, mass) -> Detections:
+    def corrected_count(self, detections: int, pairs: float) -> float:
+        """The count of `detections` with `pairs` close pairs among them (`close_pairs` at the
+        record's crowding distance): detections + per_pair * pairs."""
+        crowd = (self.record.get("detector") or {}).get("crowding")
+        return float(detections + (crowd["per_pair"] * pairs if crowd else 0.0))
+
+    def detections(self, pixels, density_at, mass, pairs=0.0) -> Detections:
         pixels = np.asarray(pixels, np.float32).reshape(-1, self.ndim)
         return Detections(pixels, pixels * np.asarray(self.spacing, np.float32),
                           np.asarray(density_at, np.float32),
-                          float(mass / self.record["target"]["mass_per_dot"]))
+                          float(mass / self.record["target"]["mass_per_dot"]),
+                          self.corrected_count(len(pixels), pairs))
 
     def detections_of(self, density) -> Detections:
         """Detections of a whole density map with the calibrated detector and threshold."""
         pts = self.peaks(density)
         at = density[tuple(np.clip(np.round(pts).astype(int), 0,
                                    np.array(density.shape) - 1).T)] if len(pts) else np.zeros(0)
-        return self.detections(pts, at, density.sum(dtype=np.float64))
+        crowd = self.record["detector"].get("crowding")
+        pairs = postprocess.close_pairs(pts, crowd["distance"], self.spacing) if crowd else 0.0
+        return self.detections(pts, at, density.sum(dtype=np.float64), pairs)
 
     def detect(self, image, normalised: bool = False, tile=None, context=None) -> Detections:
         """Detections of an image, tile by tile (each tile keeps the cells it owns)."""
         self._check_calibrated()
-        density, pts, at = self._tiles(image, normalised, True, tile, context)
-        return self.detections(pts, at, density.sum(dtype=np.float64))
+        density, pts, at, pairs = self._tiles(image, normalised, True, tile, context)
+        return self.detections(pts, at, density.sum(dtype=np.float64), pairs)
 
 
 def tiling_default(train_crop, features: int = 16) -> dict:

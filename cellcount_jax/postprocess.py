@@ -1,6 +1,7 @@
 """From a density map to cell positions: threshold, connected components, centroids."""
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from cellcount_jax.errors import InputError
 
@@ -75,3 +76,19 @@ def inside(points, roi):
         return points
     idx = np.clip(np.round(points).astype(int), 0, np.array(roi.shape) - 1)
     return points[roi[tuple(idx.T)]]
+
+
+def close_pairs(points, distance: float, spacing=None, owned=None) -> float:
+    """The number of pairs of `points` (n, ndim) closer than `distance` (physical units).
+    With `owned` (bool (n,)): each pair counts 1/2 for each of its points that is owned, so
+    that the tiles of an image, each seeing the points around its core, add up to the pairs of
+    the whole image."""
+    points = np.asarray(points, np.float64).reshape(-1, np.shape(points)[-1])
+    if len(points) < 2:
+        return 0.0
+    scale = np.ones(points.shape[1]) if spacing is None else np.asarray(spacing, np.float64)
+    pairs = cKDTree(points * scale).query_pairs(distance, output_type="ndarray")
+    if owned is None:
+        return float(len(pairs))
+    owned = np.asarray(owned, bool)
+    return float(owned[pairs].sum()) / 2.0

@@ -8,8 +8,9 @@ Per image, in the output folder:
     <name>_detections.csv   one row per cell, appended tile by tile: axis-0, axis-1[, axis-2]
                             (the pixel coordinates z, y, x, napari's column names), the
                             physical coordinates, the density at the cell
-    <name>_tiles.csv        one row per finished tile: its core box, its detections and
-                            integration count, and the detections file's length after it (the
+    <name>_tiles.csv        one row per finished tile: its core box, its detections,
+                            integration count and share of close pairs of detections (for the
+                            corrected count), and the detections file's length after it (the
                             resume record)
     <name>_run.json         the settings of the run and the image's normalisation statistics
     <name>_density.tif      the density map (float32, BigTIFF when large), written tile by
@@ -341,7 +342,7 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
                              + [f"{a}_physical" for a in axes] + ["density"]) + "\r\n")
         with open(paths["tiles.csv"], "w", newline="") as f:
             f.write(",".join(["tile"] + [f"{a}0" for a in axes] + [f"{a}1" for a in axes]
-                             + ["detections", "integration", "csv_bytes"]) + "\n")
+                             + ["detections", "integration", "pairs", "csv_bytes"]) + "\n")
         store = _density_store(density, density_path, grid_volume.shape, tile, model_spacing,
                                False)
         # Written last: a run.json means every file of the run exists.
@@ -362,7 +363,8 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
         length = _append(paths["detections.csv"], _rows(pixels, pixels * spacing, r.density))
         _append(paths["tiles.csv"], ",".join(
             [str(r.tile.index)] + [str(a) for a, _ in r.tile.core] + [str(b) for _, b in r.tile.core]
-            + [str(len(pixels)), f"{r.mass / mass_per_dot:.3f}", str(length)]) + "\n")
+            + [str(len(pixels)), f"{r.mass / mass_per_dot:.3f}", f"{r.pairs:g}", str(length)])
+            + "\n")
         voxels += r.tile.core_size
         if bar is not None:
             bar.set_postfix_str(f"{voxels / max(time.time() - start, 1e-9):.3g} voxels/s")
@@ -370,7 +372,10 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     if bar is not None:
         bar.close()
     done = _finished_tiles(paths["tiles.csv"], paths["detections.csv"])
-    return {"name": name, "count_detections": sum(int(r["detections"]) for r in done.values()),
+    detections = sum(int(r["detections"]) for r in done.values())
+    pairs = sum(float(r.get("pairs", 0.0)) for r in done.values())
+    return {"name": name, "count_detections": detections,
+            "count_corrected": round(predictor.corrected_count(detections, pairs), 2),
             "count_integration": round(sum(float(r["integration"]) for r in done.values()), 2),
             "tiles": len(done)}
 
@@ -407,7 +412,8 @@ def predict_paths(predictor, path: str, output: str, annotations: str = "", roi:
         if volume.size <= OVERLAY_VOXELS:
             Image.fromarray(overlay(volume.read(), det, dots)).save(
                 os.path.join(output, f"{name}_overlay.png"))
-        line = f"{name:<24}{row['count_detections']:>11d}{row['count_integration']:>12.1f}"
+        line = (f"{name:<24}{row['count_detections']:>11d}{row['count_corrected']:>10.1f}"
+                f"{row['count_integration']:>12.1f}")
         if dots is not None:
             dots = postprocess.inside(dots, region)
             tp, fp, fn = metrics.match(postprocess.inside(det, region), dots, radius,
@@ -416,7 +422,7 @@ def predict_paths(predictor, path: str, output: str, annotations: str = "", roi:
             line += f"{len(dots):>6d}{tp:>6d}{fp:>6d}{fn:>6d}"
         lines.append(line)
         counts.append(row)
-    print(f"{'image':<24}{'detections':>11}{'integration':>12}" +
+    print(f"{'image':<24}{'detections':>11}{'corrected':>10}{'integration':>12}" +
           (f"{'true':>6}{'TP':>6}{'FP':>6}{'FN':>6}" if annotations else ""), flush=True)
     print("\n".join(lines), flush=True)
     keys = list(dict.fromkeys(k for r in counts for k in r))

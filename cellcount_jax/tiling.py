@@ -18,6 +18,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from cellcount_jax import postprocess
 from cellcount_jax.errors import InputError
 from cellcount_jax.volumes import Volume
 
@@ -101,12 +102,14 @@ class Resampled(Volume):
 @dataclasses.dataclass
 class TileResult:
     """One tile's detections (in the pixels of the image the tiles cover), the density at
-    each, the map's mass in the core, and the core's density (when asked for)."""
+    each, the map's mass in the core, the core's density (when asked for), and its share of the
+    image's close pairs of detections (`postprocess.close_pairs`, for the corrected count)."""
     tile: Tile
     pixels: np.ndarray
     density: np.ndarray
     mass: float
     core_density: np.ndarray = None
+    pairs: float = 0.0
 
 
 def predict_tiles(predictor, volume: Volume, affine, tiles, detect: bool = True,
@@ -120,24 +123,30 @@ def predict_tiles(predictor, volume: Volume, affine, tiles, detect: bool = True,
         start = np.array([a for a, _ in tile.window])
         core = tuple(slice(a - s, b - s) for (a, b), s in zip(tile.core, start))
         pts, at = np.zeros((0, volume.ndim), np.float32), np.zeros(0, np.float32)
+        pairs = 0.0
         if detect and predictor.calibrated:
             pts = predictor.peaks(density)
-            pts = pts[owned(pts + start, tile.core)]
+            mine = owned(pts + start, tile.core)
+            crowd = predictor.record["detector"].get("crowding")
+            if crowd:
+                pairs = postprocess.close_pairs(pts, crowd["distance"], predictor.spacing, mine)
+            pts = pts[mine]
             idx = np.clip(np.round(pts).astype(int), 0, np.array(density.shape) - 1)
             at = density[tuple(idx.T)].astype(np.float32)
             pts = (pts + start).astype(np.float32)
         core_density = density[core]
         yield TileResult(tile, pts, at, float(core_density.sum(dtype=np.float64)),
-                         np.ascontiguousarray(core_density) if keep_density else None)
+                         np.ascontiguousarray(core_density) if keep_density else None, pairs)
 
 
 def assemble(results, shape):
-    """The whole density map (*shape) and detections of the `TileResult`s of one image (with
-    their core densities)."""
+    """The whole density map (*shape), detections, density at each and close pairs of the
+    `TileResult`s of one image (with their core densities)."""
     density = np.empty(shape, np.float32)
-    pts, at = [], []
+    pts, at, pairs = [], [], 0.0
     for r in results:
         density[tuple(slice(a, b) for a, b in r.tile.core)] = r.core_density
         pts.append(r.pixels)
         at.append(r.density)
-    return density, np.concatenate(pts), np.concatenate(at)
+        pairs += r.pairs
+    return density, np.concatenate(pts), np.concatenate(at), pairs

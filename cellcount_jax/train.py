@@ -10,6 +10,7 @@ calibrates the detector and scores the held-out images.
 """
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -448,13 +449,18 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     return calibrate_and_evaluate(config, predictor, splits, workdir)
 
 
-def evaluate_workdir(workdir: str):
+def evaluate_workdir(workdir: str, tta: Optional[bool] = None):
     """Recalibrates and scores the newest checkpoint of a model folder on the data of its own
-    `config.json` (no config argument)."""
+    `config.json` (no config argument); `tta` True/False turns test-time augmentation on/off
+    in the folder's record (None: as it is)."""
     config = model_folder.read_config(workdir)
     log("loading data")
     splits = data.load(config, distributed.part())
     log(splits["summary"])
     predictor = model_folder.load_model(workdir)
     log(f"model of step {predictor.step}")
+    if tta is not None:
+        predictor.record["test_time_augmentation"] = bool(tta)
+    if predictor.tta:
+        log(f"test-time augmentation: the mean of {len(predictor.augmentations())} flips")
     return calibrate_and_evaluate(config, predictor, splits, workdir)

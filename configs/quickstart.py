@@ -120,6 +120,8 @@ def get_config(arg: str = ""):
     c.predict.tile = ()             # voxels per axis that a tile owns; (): 4 training crops, or
                                     # fewer where the window would exceed 2^25 / features voxels
     c.predict.context = ()          # voxels of context on each side; (): half a training crop
+    c.predict.tta = False           # test-time augmentation: each window's density is the mean
+                                    # over its flips (2D: 8 passes; 3D: 16), in calibration too
     if arg == "tiny":
         c.model.features = 4
         c.data.shape = (32, 32)

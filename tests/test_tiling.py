@@ -120,14 +120,14 @@ class Smoothing(model_folder.Predictor):
 def test_cells_on_seams_and_corners_are_detected_once(model3d, tmp_path):
     record = dict(model_folder.read_record(model3d))
     record["detector"] = {"name": "peaks", "threshold": 0.02, "min_size": 1, "min_distance": 0.0,
-                          "radius": 3.0}
+                          "radius": 3.0, "crowding": {"distance": 6.0, "per_pair": 0.5}}
     record["ndim"], record["spacing"], record["train_crop"] = 2, [1.0, 1.0], [16, 16]
     record["normalisation"] = {"mode": "channel_stats", "mean": [0.0], "std": [1.0]}
     predictor = Smoothing(None, None, record, step=0)
     # Cells on the boundaries of 32x32 tiles: on a seam, on a corner, half a pixel either side
     # of one (two equal voxels: the peak is their centre), and some inside.
     cells = [(32, 10), (10, 32), (32, 32), (64, 64), (31.5, 50), (50, 63.5), (95.5, 95.5),
-             (16, 16), (80, 40), (5, 90)]
+             (16, 16), (80, 40), (5, 90), (29, 75), (34, 75)]  # the last two: a close pair
     image = np.zeros((100, 100))
     for y, x in cells:
         for yy in {int(np.floor(y)), int(np.ceil(y))}:
@@ -139,6 +139,8 @@ def test_cells_on_seams_and_corners_are_detected_once(model3d, tmp_path):
                                 tile=32, context=8, density="none", progress=False)
     got = read_rows(tmp_path / "seams_detections.csv")
     assert row["count_detections"] == len(cells) == len(got) and row["tiles"] == 16
+    # the pair across the seam is counted once: half by each of its tiles
+    assert row["count_corrected"] == whole.count_corrected == len(cells) + 0.5
     np.testing.assert_allclose(sorted((float(r[0]), float(r[1])) for r in got), sorted(cells))
 
 
