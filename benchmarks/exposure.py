@@ -1,8 +1,9 @@
 """Counting under another exposure: a model folder on the VGG test images with their
-intensities scaled, one JSON line per scale with MAE, precision, recall and F1 at the model's
-calibrated radius. By default the scaled values are kept as they are (a camera with headroom);
-`--saturate` rounds and clips them to the 8-bit range of the files, as an 8-bit camera would
-record a brighter exposure (the line then gives the fraction of saturated pixels).
+intensities scaled, one JSON line per scale with MAE (of the detections and of the count
+corrected for crowding), precision, recall and F1 at the model's calibrated radius. By default
+the scaled values are kept as they are (a camera with headroom); `--saturate` rounds and clips
+them to the 8-bit range of the files, as an 8-bit camera would record a brighter exposure (the
+line then gives the fraction of saturated pixels).
 
     python benchmarks/exposure.py --model=pretrained/vgg2d_cpu --scales=0.3,1,3 [--saturate]
 """
@@ -35,15 +36,18 @@ def main():
     for scale in (float(s) for s in a.scales.split(",")):
         scaled = [np.clip(np.round(im * scale), 0, 255) if a.saturate else im * scale
                   for im in images]
-        preds = [model.detect(im).pixels for im in scaled]
-        r = metrics.evaluate_points(preds, dots, radius, model.spacing)
+        cells = [model.detect(im) for im in scaled]
+        r = metrics.evaluate_points([c.pixels for c in cells], dots, radius, model.spacing)
+        r["mae_corrected"] = np.mean([abs(c.count_corrected - len(d)) for c, d in zip(cells, dots)])
         extra = ({"saturated_fraction": round(float(np.mean([np.mean(im == 255) for im in scaled])), 4)}
                  if a.saturate else {})
         print(json.dumps({"model": a.model, "scale": scale, "saturate": a.saturate, **extra,
                           "images": len(images),
                           "normalisation": model.record["normalisation"]["mode"],
-                          **{k: round(float(r[k]), 4) for k in ("mae", "precision", "recall",
-                                                                "f1")}}), flush=True)
+                          "tta": model.tta,
+                          **{k: round(float(r[k]), 4) for k in ("mae", "mae_corrected",
+                                                                "precision", "recall", "f1")}}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def main():
                "threshold": d["threshold"], "min_distance": d.get("min_distance", 0.0),
                "test_images": summary["num_test_images"],
                **{k: round(float(summary["model"][k]), 4)
-                  for k in ("mae", "precision", "recall", "f1")},
-               "seconds": round(seconds, 1)}
+                  for k in ("mae", "mae_corrected", "precision", "recall", "f1")},
+               "tta": predictor.tta, "seconds": round(seconds, 1)}
         if a.volume:
             image = io.read_image(a.volume, predictor.ndim)
             truth = (io.read_dots_csv(a.dots, predictor.ndim) if a.dots

@@ -30,7 +30,14 @@ def test_train_then_evaluate(tmp_path):
     log = launch(f"--workdir={wd}", "--mode=evaluate")  # the folder's own config.json
     assert "model of step 4" in log and "F1" in log
     summary = json.load(open(os.path.join(wd, "eval.json")))
-    assert set(summary["model"]) >= {"mae", "precision", "recall", "f1", "threshold"}
+    assert set(summary["model"]) >= {"mae", "mae_corrected", "precision", "recall", "f1",
+                                     "threshold"}
+    record = json.load(open(os.path.join(wd, "inference.json")))
+    assert not record["test_time_augmentation"] and "crowding" in record["detector"]
+    # --tta recalibrates with the flips and keeps them in the folder for predict
+    log = launch(f"--workdir={wd}", "--mode=evaluate", "--tta")
+    assert "mean of 8 flips" in log
+    assert json.load(open(os.path.join(wd, "inference.json")))["test_time_augmentation"]
     # Rerunning training in the same workdir resumes at the end: nothing left to do.
     log = launch(f"--workdir={wd}", *TINY)
     assert "resumed from step 4" in log
