@@ -3,7 +3,7 @@ focal-consistency self-supervised learning (Guo et al. 2022), in JAX/Flax.
 
     import cellcount_jax
     model = cellcount_jax.load_model("workdir/quickstart")   # a model folder
-    cells = model.detect(image)       # .pixels, .physical, .density, .count_integration
+    cells = model.detect(image)   # .pixels, .physical, .density, .count_corrected
     density = model.density(image)
 """
 

@@ -79,7 +79,7 @@ def inside(points, roi):
 
 
 def close_pairs(points, distance: float, spacing=None, owned=None) -> float:
-    """The number of pairs of `points` (n, ndim) closer than `distance` (physical units).
+    """The number of pairs of `points` (n, ndim) at most `distance` apart (physical units).
     With `owned` (bool (n,)): each pair counts 1/2 for each of its points that is owned, so
     that the tiles of an image, each seeing the points around its core, add up to the pairs of
     the whole image."""
