@@ -13,6 +13,7 @@ MODEL = os.path.join(os.path.dirname(__file__), "..", "pretrained", "vgg2d_cpu")
 @pytest.fixture(scope="module")
 def pair():
     plain, tta = load_model(MODEL), load_model(MODEL)
+    plain.record["test_time_augmentation"] = False
     tta.record["test_time_augmentation"] = True
     img, _ = synthetic_image(3, shape=(72, 56), num_cells=(15, 25), radius=4.0)
     return plain, tta, img.astype(np.float32)
