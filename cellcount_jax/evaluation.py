@@ -9,7 +9,7 @@ Two count readouts:
 - corrected: the detections plus the cells that crowding hides. Two cells closer than the
   network resolves give one peak, and in a field of cells the number of such merges grows
   with the number of close pairs, so the count is n + c * p, where p is the number of pairs of
-  detections within `crowding_distance` (twice the match radius) and c is fitted by least
+  detections within twice the match radius (`crowding`) and c is fitted by least
   squares on the calibration images.
 The detection threshold is the candidate with the best F1 on the labeled training images, or
 on held-out bands of them (`data.holdout`; `calibrate_record`, stored in the model
