@@ -58,7 +58,8 @@ def device_info():
     d = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": d.device_kind,
             "devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "jax": jax.__version__}
+            "cores": os.cpu_count(), "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def emit(record):
