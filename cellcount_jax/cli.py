@@ -4,7 +4,7 @@
                     [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
                     [--config.<block>.<field>=VALUE ...] [--distributed | --coordinator=HOST:PORT
                     --num_processes=N --process_id=I]
-    cellcount evaluate --workdir=DIR [--tta | --notta]
+    cellcount evaluate --workdir=DIR [--tta | --notta] [--zooms=Z,Z,...]
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
                       [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
@@ -125,6 +125,10 @@ def define_flags():
     flags.DEFINE_bool("tta", None, "evaluate: recalibrate and score with (--tta) or without "
                       "(--notta) test-time augmentation (the mean over the image's flips), and "
                       "keep it in the model folder for predict (default: the folder's setting).")
+    flags.DEFINE_string("zooms", None, "evaluate: recalibrate choosing the input zoom among "
+                        "these (e.g. 1,1.03,1.06,1.09: the network sees each image resampled "
+                        "by the zoom) and keep them in the folder's config (default: its "
+                        "predict.zooms).")
     flags.DEFINE_bool("distributed", False, "train, evaluate: one process of a multi-process "
                       "job (jax.distributed): on TPU pods, SLURM and Open MPI nothing else is "
                       "needed; elsewhere give --coordinator, --num_processes and --process_id "
@@ -194,7 +198,11 @@ def run(command: str):
     if command == "evaluate":
         if not FLAGS.workdir:
             raise InputError("evaluate needs --workdir (a model folder)")
-        return train.evaluate_workdir(FLAGS.workdir, FLAGS.tta)
+        try:
+            zooms = [float(z) for z in FLAGS.zooms.split(",")] if FLAGS.zooms else None
+        except ValueError:
+            raise InputError(f"--zooms must be numbers separated by commas, got {FLAGS.zooms!r}")
+        return train.evaluate_workdir(FLAGS.workdir, FLAGS.tta, zooms)
     model = FLAGS.model or FLAGS.workdir
     if not model:
         raise InputError("predict needs --model (a model folder)")

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from cellcount_jax import distributed, metrics, postprocess
+from cellcount_jax.errors import InputError
 from cellcount_jax.model_folder import write_json
 
 
@@ -47,6 +48,12 @@ def calibrate(maps, dots, candidates, radius, spacing=None, detector="components
     `min_distances` (physical units); the data are the labeled training images (or their
     held-out bands).
     """
+    return _search(maps, dots, candidates, radius, spacing, detector, min_size, rois,
+                   min_distances)[1]
+
+
+def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, min_distances):
+    """((F1, -MAE), detector) of `calibrate`'s choice."""
     best = None
     dots, detect = _within(maps, dots, rois, spacing)
     for det in (postprocess.DETECTORS if detector == "auto" else (detector,)):
@@ -58,7 +65,7 @@ def calibrate(maps, dots, candidates, radius, spacing=None, detector="components
                 if best is None or key > best[0]:
                     best = (key, {"name": det, "threshold": float(t),
                                   "min_distance": float(md)})
-    return best[1]
+    return best
 
 
 def crowding(preds, dots, distance, spacing=None):
@@ -119,19 +126,35 @@ def _maps(predictor, images):
                                    [im.shape[:-1] for im in images])
 
 
+def zooms(config):
+    """The input zooms that calibration chooses from (`predict.zooms`; (1,) where absent)."""
+    values = tuple(float(z) for z in ((config.get("predict") or {}).get("zooms") or (1.0,)))
+    if any(not 0.25 <= z <= 4 for z in values):
+        raise InputError(f"config.predict.zooms must lie in [0.25, 4], got {values}")
+    return values
+
+
 def calibrate_record(config, predictor, splits):
-    """Chooses the detector and threshold on splits['calibration'] (the labeled training
-    images, or held-out bands of them: `data.calibration_split`) and stores them in
-    `predictor.record['detector']`. Thresholds are tried relative to the typical peak of the
-    training targets (scale for inverse distance maps, one Gaussian's height for density
-    maps)."""
+    """Chooses the input zoom (among `predict.zooms`), detector and threshold on
+    splits['calibration'] (the labeled training images, or held-out bands of them:
+    `data.calibration_split`) and stores them in `predictor.record` ('zoom', 'detector'):
+    the best pooled F1, then the lowest MAE, then the first zoom listed. Thresholds are tried
+    relative to the typical peak of the training targets (scale for inverse distance maps, one
+    Gaussian's height for density maps)."""
     ev, train = config.eval, splits["train"]
     cal = splits["calibration"]
-    maps = _maps(predictor, cal.images)
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
-    detector = calibrate(maps, cal.dots, candidates, float(ev.radius), splits["spacing"],
-                         ev.detector, ev.min_size, cal.rois, _min_distances(ev))
+    best = None
+    for zoom in zooms(config):
+        predictor.record["zoom"] = zoom
+        zoom_maps = _maps(predictor, cal.images)
+        key, zoom_detector = _search(zoom_maps, cal.dots, candidates, float(ev.radius),
+                                     splits["spacing"], ev.detector, ev.min_size, cal.rois,
+                                     _min_distances(ev))
+        if best is None or key > best[0]:
+            best = (key, zoom, zoom_detector, zoom_maps)
+    _, predictor.record["zoom"], detector, maps = best
     held_out = bool(config.data.get("holdout", 0.0))
     dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
     preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"])
@@ -176,7 +199,7 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
                                          min_distance=raw_det["min_distance"])[0]
         summary["raw_threshold"]["detector"] = raw_det["name"]
     summary.update(num_test_images=len(test.images), radius=radii[0], detector=d["name"],
-                   mass_per_dot=mass, step=predictor.step)
+                   zoom=predictor.zoom, mass_per_dot=mass, step=predictor.step)
     if verbose and distributed.is_lead():
         print(format_table(summary), flush=True)
     if workdir:

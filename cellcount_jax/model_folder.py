@@ -9,8 +9,8 @@
 The inference record holds the rank, input channels, voxel spacing, the network's shape, the
 fitted normalisation, the target kind and scale (with the mass of one dot's target, for the
 integration count), the training crop, the prediction tile and context, whether prediction
-averages flips (test-time augmentation), the detector, threshold and crowding correction once
-calibrated, and the package version. `load_model(workdir)` builds a
+averages flips (test-time augmentation), the input zoom, the detector, threshold and crowding
+correction once calibrated, and the package version. `load_model(workdir)` builds a
 `Predictor` from the folder alone: no config file, no optimizer.
 """
 import dataclasses
@@ -22,6 +22,7 @@ from typing import Optional
 import jax
 import numpy as np
 from ml_collections import ConfigDict
+from scipy import ndimage
 
 from cellcount_jax import checkpoints, convolutions, models, postprocess, tiling, volumes
 from cellcount_jax.errors import InputError
@@ -137,6 +138,7 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
         "train_crop": [int(c) for c in config.train.crop],
         "tiling": _tiling_of(config),
         "test_time_augmentation": bool((config.get("predict") or {}).get("tta", False)),
+        "zoom": 1.0,
         "detector": None,
     }
 
@@ -233,9 +235,23 @@ class Predictor:
                  for f in itertools.product((False, True), repeat=self.ndim)]
         return [(f, s) for f in flips for s in swaps]
 
+    @property
+    def zoom(self) -> float:
+        """The input zoom (the record's `zoom`, chosen by calibration among `predict.zooms`;
+        1 where absent): the network sees each window resampled by this factor (linear
+        interpolation), and its density is resampled back onto the window's grid."""
+        return float(self.record.get("zoom", 1.0))
+
     def network(self, x) -> np.ndarray:
-        """The density (*spatial) of one normalised network input (*spatial, C) of any size
-        (with `tta`, the mean of the densities of its `augmentations`, each mapped back)."""
+        """The density (*spatial) of one normalised network input (*spatial, C) of any size,
+        seen at `zoom`; with `tta`, the mean of the densities of its `augmentations`, each
+        mapped back."""
+        if self.zoom == 1:
+            return self._flips(x)
+        d = self._flips(ndimage.zoom(x, (self.zoom,) * self.ndim + (1,), order=1))
+        return ndimage.zoom(d, np.divide(x.shape[:-1], d.shape), order=1)
+
+    def _flips(self, x) -> np.ndarray:
         if not self.tta:
             return self._network(x)
         last = (self.ndim - 2, self.ndim - 1)

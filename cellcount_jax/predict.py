@@ -317,7 +317,8 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     source = os.path.abspath(source) if source else name
     settings = {"input": source, "shape": list(volume.shape),
                 "channels": volume.channels, "model_step": predictor.step,
-                "detector": predictor.record.get("detector"), "spacing": spacing.tolist(),
+                "detector": predictor.record.get("detector"), "zoom": predictor.zoom,
+                "spacing": spacing.tolist(),
                 "model_spacing": model_spacing.tolist(), "grid_shape": list(grid_volume.shape),
                 "tile": list(tile), "context": list(context), "density": density}
     resume = os.path.exists(paths["run.json"]) and os.path.exists(paths["tiles.csv"])

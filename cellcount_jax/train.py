@@ -8,6 +8,7 @@ processes: `distributed`), with gradients averaged by `lax.pmean` over the devic
 (`records`), stops at the first non-finite step and saves and returns on SIGTERM, then
 calibrates the detector and scores the held-out images.
 """
+import os
 import sys
 import time
 from typing import Optional
@@ -431,7 +432,8 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     if lead:
         model_folder.write_record(workdir, predictor.record)
     between = f", peaks at least {d['min_distance']:.3g} apart" if d["min_distance"] else ""
-    log(f"detector {d['name']}, threshold {d['threshold']:.4g}{between}, saved in "
+    zoom = f", input zoom {predictor.zoom:g}" if len(evaluation.zooms(config)) > 1 else ""
+    log(f"detector {d['name']}, threshold {d['threshold']:.4g}{between}{zoom}, saved in "
         f"{workdir}/{model_folder.RECORD}")
     if splits["test"] is None:
         log("no test images: no held-out scores")
@@ -449,11 +451,20 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     return calibrate_and_evaluate(config, predictor, splits, workdir)
 
 
-def evaluate_workdir(workdir: str, tta: Optional[bool] = None):
+def evaluate_workdir(workdir: str, tta: Optional[bool] = None, zooms=None):
     """Recalibrates and scores the newest checkpoint of a model folder on the data of its own
     `config.json` (no config argument); `tta` True/False turns test-time augmentation on/off
-    in the folder's record (None: as it is)."""
+    in the folder's record (None: as it is); `zooms` replaces the config's `predict.zooms`
+    (the input zooms calibration chooses from; kept in the folder's config.json)."""
     config = model_folder.read_config(workdir)
+    if zooms:
+        if "predict" not in config:
+            config.predict = {}
+        config.predict.zooms = tuple(float(z) for z in zooms)
+        evaluation.zooms(config)
+        if distributed.is_lead():
+            model_folder.write_json(os.path.join(workdir, model_folder.CONFIG),
+                                    model_folder.config_to_dict(config))
     log("loading data")
     splits = data.load(config, distributed.part())
     log(splits["summary"])

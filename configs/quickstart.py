@@ -122,6 +122,9 @@ def get_config(arg: str = ""):
     c.predict.context = ()          # voxels of context on each side; (): half a training crop
     c.predict.tta = False           # test-time augmentation: each window's density is the mean
                                     # over its flips (2D: 8 passes; 3D: 16), in calibration too
+    c.predict.zooms = (1.0,)        # input zooms that calibration chooses from (with the
+                                    # threshold, on the labeled images): the network sees each
+                                    # window resampled by the zoom, its density resampled back
     if arg == "tiny":
         c.model.features = 4
         c.data.shape = (32, 32)

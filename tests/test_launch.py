@@ -38,6 +38,12 @@ def test_train_then_evaluate(tmp_path):
     log = launch(f"--workdir={wd}", "--mode=evaluate", "--tta")
     assert "mean of 8 flips" in log
     assert json.load(open(os.path.join(wd, "inference.json")))["test_time_augmentation"]
+    # --zooms recalibrates choosing the input zoom too, and keeps the choices in config.json
+    log = launch(f"--workdir={wd}", "--mode=evaluate", "--zooms=1,1.25")
+    zoom = json.load(open(os.path.join(wd, "inference.json")))["zoom"]
+    assert zoom in (1.0, 1.25) and json.load(open(os.path.join(wd, "eval.json")))["zoom"] == zoom
+    assert f"input zoom {zoom:g}" in log
+    assert json.load(open(os.path.join(wd, "config.json")))["predict"]["zooms"] == [1.0, 1.25]
     # Rerunning training in the same workdir resumes at the end: nothing left to do.
     log = launch(f"--workdir={wd}", *TINY)
     assert "resumed from step 4" in log

@@ -211,6 +211,7 @@ ERROR_CASES = [
     ("config field that does not exist", ["train", "--config.train.nosuch=1"], "nosuch"),
     ("no model folder", ["predict", "--model=nosuchmodel", "--input=imgs"], "nosuchmodel"),
     ("not a model folder", ["evaluate", "--workdir=imgs"], "imgs"),
+    ("zooms that are not numbers", ["evaluate", "--workdir=imgs", "--zooms=1,big"], "--zooms"),
 ]
 
 
