@@ -11,9 +11,9 @@ Two count readouts:
   with the number of close pairs, so the count is n + c * p, where p is the number of pairs of
   detections within twice the match radius (`crowding`) and c is fitted by least
   squares on the calibration images.
-The detection threshold is the candidate with the best F1 on the labeled training images, or
-on held-out bands of them (`data.holdout`; `calibrate_record`, stored in the model
-folder), never chosen on the test set. Where images have regions of interest, only the dots
+The detection threshold (with the input zoom, `predict.zooms`) is the candidate with the best
+F1 on the labeled training images, or on held-out bands of them (`data.holdout`;
+`calibrate_record`, stored in the model folder), never chosen on the test set. Where images have regions of interest, only the dots
 and detections inside them count. The same
 protocol applied to the image itself (channel mean) gives the `raw_threshold` baseline,
 which shows what the network adds. In a job of several processes the density maps are split
