@@ -13,9 +13,9 @@ Two count readouts:
   squares on the calibration images.
 The detection threshold (with the input zoom, `predict.zooms`) is the candidate with the best
 F1 on the labeled training images, or on held-out bands of them (`data.holdout`;
-`calibrate_record`, stored in the model folder), never chosen on the test set. Where images have regions of interest, only the dots
-and detections inside them count. The same
-protocol applied to the image itself (channel mean) gives the `raw_threshold` baseline,
+`calibrate_record`, stored in the model folder), never chosen on the test set. Where images
+have regions of interest, only the dots and detections inside them count. The same protocol
+applied to the image itself (channel mean) gives the `raw_threshold` baseline,
 which shows what the network adds. In a job of several processes the density maps are split
 across them; every process gets the same scores and process 0 prints and writes them.
 """
