@@ -18,7 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cellcount_jax import data, evaluation, load_model, model_folder  # noqa: E402
-from cellcount_jax.data import io  # noqa: E402
 
 
 def pool_split(config, normaliser):
@@ -27,10 +26,9 @@ def pool_split(config, normaliser):
     if cfg.source != "vgg":
         raise SystemExit("--pool needs a model trained on the VGG cells (data.source 'vgg')")
     _, pool, _ = data.vgg_split(cfg.split_seed, cfg.num_labeled)
-    path = lambda i, kind: os.path.join(cfg.path, f"{i + 1:03d}{kind}.png")  # noqa: E731
-    return data.Split([normaliser.image(io.read_image(path(i, "cell"), 2, 3)) for i in pool],
-                      [io.dots_from_red_pixels(path(i, "dots")) for i in pool],
-                      [f"{i + 1:03d}cell" for i in pool])
+    split = data.vgg_labeled(cfg.path, pool)
+    split.images = [normaliser.image(im) for im in split.images]
+    return split
 
 
 def main():

@@ -67,18 +67,27 @@ def vgg_split(seed: int = 5455, labeled: int = 8, pool: int = 100):
     return ind[:labeled], ind[labeled:pool], ind[pool:]
 
 
+def _vgg_image(path: str, i: int):
+    return io.read_image(os.path.join(path, f"{i + 1:03d}cell.png"), 2, 3)
+
+
+def vgg_labeled(path: str, indices) -> Split:
+    """The VGG images of 0-based `indices` in the folder `path`, with their dots."""
+    return Split([_vgg_image(path, i) for i in indices],
+                 [io.dots_from_red_pixels(os.path.join(path, f"{i + 1:03d}dots.png"))
+                  for i in indices],
+                 [f"{i + 1:03d}cell" for i in indices])
+
+
 def _vgg(cfg, keep=_all):
     path = cfg.path
     if not os.path.isdir(path):
         raise InputError(f"config.data.path: VGG cells folder {path!r} not found")
     lab, unl, test = vgg_split(cfg.split_seed, cfg.num_labeled)
-    read = lambda i: io.read_image(os.path.join(path, f"{i + 1:03d}cell.png"), 2, 3)
-    dots = lambda i: io.dots_from_red_pixels(os.path.join(path, f"{i + 1:03d}dots.png"))
-    name = lambda i: f"{i + 1:03d}cell"
-    return (Split([read(i) for i in lab], [dots(i) for i in lab], [name(i) for i in lab]),
-            Split([read(i) if k else None for i, k in zip(unl, keep(len(unl)))],
-                  [None] * len(unl), [name(i) for i in unl]),
-            Split([read(i) for i in test], [dots(i) for i in test], [name(i) for i in test]))
+    return (vgg_labeled(path, lab),
+            Split([_vgg_image(path, i) if k else None for i, k in zip(unl, keep(len(unl)))],
+                  [None] * len(unl), [f"{i + 1:03d}cell" for i in unl]),
+            vgg_labeled(path, test))
 
 
 def read_annotation(path: str, shape, image_path: str = "the image"):
