@@ -1,0 +1,64 @@
+"""The cache of XLA:CPU's large host blocks (`block_cache`): results unchanged against numpy,
+a program's temporary block mapped once and reused (cache hits, page faults per run), idle
+blocks released when stale, and the switch that turns it off."""
+import os
+import resource
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cellcount_jax import block_cache
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not block_cache.install(),
+                                reason="the block cache runs on the CPU backend where built")
+
+
+def _program(n):
+    """A jitted program over n int32 values with temporaries of about 8n bytes, its input and
+    its exact result."""
+    x = np.arange(n, dtype=np.int32) % 7
+    fn = jax.jit(lambda x: jnp.cumsum(x)[::-1] + jnp.cumsum(x[::-1])).lower(x).compile()
+    expect = np.cumsum(x)[::-1] + np.cumsum(x[::-1])
+    return fn, x, expect, fn.memory_analysis().temp_size_in_bytes
+
+
+def test_temporaries_reused_with_the_same_results():
+    fn, x, expect, temp = _program(1 << 23)
+    assert temp >= 2 * block_cache.MIN_BYTES
+    for _ in range(3):  # the blocks (temporaries, input, output) are mapped here
+        np.testing.assert_array_equal(fn(x), expect)
+    before, faults = block_cache.stats(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        np.testing.assert_array_equal(fn(x), expect)
+    after = block_cache.stats()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5
+    assert after["hits"] - before["hits"] >= 5
+    # Mapped afresh, the block would fault in temp / 4096 pages at every run.
+    assert faults < temp / 4096 / 4, (faults, temp / 4096)
+
+
+def test_stale_blocks_released_and_release():
+    f, fx, f_expect, f_temp = _program(1 << 23)
+    g, gx, g_expect, g_temp = _program(3 << 21)
+    assert g_temp >= block_cache.MIN_BYTES and g_temp != f_temp
+    np.testing.assert_array_equal(f(fx), f_expect)
+    for _ in range(20):  # f's idle block is not reused within 16 frees: released
+        np.testing.assert_array_equal(g(gx), g_expect)
+    s = block_cache.stats()
+    assert s["blocks"] == 1 and g_temp <= s["idle_bytes"] < g_temp + f_temp, s
+    block_cache.release()
+    s = block_cache.stats()
+    assert s["blocks"] == 0 and s["idle_bytes"] == 0
+    np.testing.assert_array_equal(g(gx), g_expect)
+
+
+def test_switched_off_by_the_environment():
+    env = dict(os.environ, CELLCOUNT_JAX_BLOCK_CACHE="0")
+    out = subprocess.run([sys.executable, "-c", "from cellcount_jax import block_cache as b;"
+                          "print(b.install(), b.stats())"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "False {'installed': False}"
