@@ -10,9 +10,9 @@
 // (oneDNN's NHWC / NDHWC kernels); only the small kernel is reordered. 2D is the case of one
 // z plane and is run as a 2D primitive. The input gradient of a convolution is a convolution
 // (of the output gradient with the flipped, transposed kernel), so it is `conv` too.
-// Primitives are created once per shape and kept; each call brings its own scratchpad, so
-// concurrent calls from XLA's threads are safe. oneDNN picks its kernels from the CPU's
-// features at run time; `cc_dnnl_bf16_isa` says which bf16 units it will use (the Python side
+// Primitives are created once per shape and kept; each call brings its own scratchpads (its
+// thread's, kept between calls), so concurrent calls from XLA's threads are safe. oneDNN
+// picks its kernels from the CPU's features at run time; `cc_dnnl_bf16_isa` says which bf16 units it will use (the Python side
 // uses this library only where there are some).
 #include <algorithm>
 #include <cstdint>
@@ -119,16 +119,23 @@ const P& Cached(const Shape& s) {
   return *p;
 }
 
-// A buffer of a memory desc's size, 64-byte aligned (as oneDNN's kernels expect), owned by
-// the call and not cleared (the primitives write before they read).
-struct Owned {
-  std::unique_ptr<uint8_t[]> bytes;
-  memory mem;
-  explicit Owned(const memory::desc& md) : bytes(new uint8_t[md.get_size() + 64]) {
-    auto at = reinterpret_cast<uintptr_t>(bytes.get());
-    mem = memory(md, Engine(), bytes.get() + (-at & 63));
+// Memory for a memory desc, 64-byte aligned (as oneDNN's kernels expect) and not cleared (the
+// primitives write before they read): one of a thread's `kSlots` buffers, kept and grown as
+// needed, so that a call does not map and fault in its scratchpads afresh (XLA runs a call on
+// one of its threads; no two calls on a thread overlap).
+constexpr int kSlots = 3;
+memory ThreadBuffer(int slot, const memory::desc& md) {
+  thread_local std::unique_ptr<uint8_t[]> bytes[kSlots];
+  thread_local size_t sizes[kSlots] = {};
+  const size_t need = md.get_size() + 64;
+  if (sizes[slot] < need) {
+    bytes[slot].reset();
+    bytes[slot].reset(new uint8_t[need]);
+    sizes[slot] = need;
   }
-};
+  auto at = reinterpret_cast<uintptr_t>(bytes[slot].get());
+  return memory(md, Engine(), bytes[slot].get() + (-at & 63));
+}
 
 template <typename T>
 memory Wrap(const Shape& s, const Dims& dims, Type type, Tag tag, T* data) {
@@ -162,14 +169,14 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
   try {
     const Forward& f = Cached<Forward>(s);
     dnnl::stream stream(Engine());
-    Owned weights(f.weights), scratch(f.scratch), reorder_scratch(f.reorder_scratch);
+    memory weights = ThreadBuffer(0, f.weights), scratch = ThreadBuffer(1, f.scratch);
     memory user_k = Wrap(s, s.weights(), Type::bf16, s.ker(), k.typed_data());
-    f.to_weights.execute(stream, {{DNNL_ARG_FROM, user_k}, {DNNL_ARG_TO, weights.mem},
-                                  {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
+    f.to_weights.execute(stream, {{DNNL_ARG_FROM, user_k}, {DNNL_ARG_TO, weights},
+                                  {DNNL_ARG_SCRATCHPAD, ThreadBuffer(2, f.reorder_scratch)}});
     f.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
-                            {DNNL_ARG_WEIGHTS, weights.mem},
+                            {DNNL_ARG_WEIGHTS, weights},
                             {DNNL_ARG_DST, Wrap(s, s.dst(), Type::f32, s.act(), y->typed_data())},
-                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+                            {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   } catch (const std::exception& e) {  // oneDNN's errors, or out of memory
     return ffi::Error::Internal(std::string("dnnl conv: ") + e.what());
@@ -188,15 +195,15 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> g,
   try {
     const KernelGrad& b = Cached<KernelGrad>(s);
     dnnl::stream stream(Engine());
-    Owned grad(b.grad), scratch(b.scratch), reorder_scratch(b.reorder_scratch);
+    memory grad = ThreadBuffer(0, b.grad);
     b.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
                             {DNNL_ARG_DIFF_DST,
                              Wrap(s, s.dst(), Type::bf16, s.act(), g.typed_data())},
-                            {DNNL_ARG_DIFF_WEIGHTS, grad.mem},
-                            {DNNL_ARG_SCRATCHPAD, scratch.mem}});
+                            {DNNL_ARG_DIFF_WEIGHTS, grad},
+                            {DNNL_ARG_SCRATCHPAD, ThreadBuffer(1, b.scratch)}});
     memory user = Wrap(s, s.weights(), Type::f32, s.ker(), dk->typed_data());
-    b.to_user.execute(stream, {{DNNL_ARG_FROM, grad.mem}, {DNNL_ARG_TO, user},
-                               {DNNL_ARG_SCRATCHPAD, reorder_scratch.mem}});
+    b.to_user.execute(stream, {{DNNL_ARG_FROM, grad}, {DNNL_ARG_TO, user},
+                               {DNNL_ARG_SCRATCHPAD, ThreadBuffer(2, b.reorder_scratch)}});
     stream.wait();
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("dnnl kernel grad: ") + e.what());
