@@ -11,8 +11,10 @@ against scipy, post-processing + matching, the cost of the run records and the
 non-finite guard on the quickstart step, and, when torch is importable, the PyTorch peer
 (../shared/peers/torch_saunet.py, its own timer) on the same shapes in the same run, as a
 ratio (with `--dtypes=bfloat16`, the bf16 step against the peer's `--amp`; the lines name the
-CPU's bf16 units that the step used, `bf16_units`). The peer runs in a child process: each runtime's idle worker threads spin for a
-while after its last step and slow the other down when both live in one process.
+CPU's bf16 units that the step used, `bf16_units`). The peer runs in a child process: each
+runtime's idle worker threads spin for a while after its last step and slow the other down
+when both live in one process. Every line names the CPU model (`cpu`) and whether XLA's large
+blocks went through `cellcount_jax.block_cache` (`block_cache`).
 
 FLOPs are those of XLA's cost analysis of the step in its XLA-native formulation
 (`model.impl=xla`), the same for every impl: cost analysis does not see into the native
@@ -36,7 +38,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cellcount_jax import convolutions, models, native, optim, postprocess, metrics, targets, train  # noqa: E402
+from cellcount_jax import block_cache, convolutions, models, native, optim, postprocess, metrics, targets, train  # noqa: E402
 from configs import quickstart  # noqa: E402
 
 PEER = os.path.join(ROOT, "..", "shared", "peers", "torch_saunet.py")
@@ -54,11 +56,25 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model():
+    """The CPU's model name and family/model numbers (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family')}, "
+            f"model {info.get('model')})")
+
+
 def device_info():
     d = jax.devices()[0]
+    cpu = jax.default_backend() == "cpu"
     return {"backend": jax.default_backend(), "device_kind": d.device_kind,
-            "devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "jax": jax.__version__,
+            "devices": jax.device_count(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "jax": jax.__version__, "block_cache": cpu and block_cache.install(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
@@ -67,17 +83,22 @@ def emit(record):
     print(json.dumps(record), flush=True)
 
 
-def timed(fn, args, steps, warmup):
-    """Mean seconds per call after `warmup` calls; `fn` returns arrays to block on."""
+def timed(fn, args, steps, warmup, usage=None):
+    """Mean seconds per call after `warmup` calls; `fn` returns arrays to block on. `usage`
+    (a dict) receives the process's system seconds and minor page faults per timed call."""
     out = None
     for _ in range(warmup):
         out = fn(*args)
     jax.block_until_ready(out)
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         out = fn(*args)
     jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
+    dt, r1 = (time.perf_counter() - t0) / steps, resource.getrusage(resource.RUSAGE_SELF)
+    if usage is not None:
+        usage.update(system_s=round((r1.ru_stime - r0.ru_stime) / steps, 4),
+                     page_faults=round((r1.ru_minflt - r0.ru_minflt) / steps))
+    return dt
 
 
 def flops_of(stage):
@@ -136,7 +157,8 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
         holder[0] = step(holder[0])
         return holder[0]
 
-    dt = timed(call, (), steps, warmup)
+    usage = {}
+    dt = timed(call, (), steps, warmup, usage)
     images = batch * (2 if ssl else 1)
     rec = {"name": f"train_{'ssl' if ssl else 'supervised'}_{name}", **device_info(),
            "impl": impl, "dtype": dtype,
@@ -145,7 +167,8 @@ def bench_train(name, spatial, batch, ssl, steps, warmup, peak, impl, features=3
            "features": features, "compile_s": round(compile_s, 2),
            "step_s": round(dt, 4), "steps_per_s": round(1 / dt, 3),
            "images_per_s": round(images / dt, 3), "flops_per_step": flops,
-           "flops_per_s": flops / dt}
+           "flops_per_s": flops / dt, "system_s_per_step": usage["system_s"],
+           "page_faults_per_step": usage["page_faults"]}
     if peak:
         rec["fraction_of_matmul_peak"] = round(flops / dt / peak, 3)
     emit(rec)
@@ -369,7 +392,9 @@ def main():
         cases = [c for c in cases if c[0] in ("2d_128", "3d_32x64x64")]
     for name, spatial, batch in cases:
         big = np.prod(spatial) * batch > 300_000
-        s, w = (2, 1) if big else (5, 2)
+        # 3 warm-up steps: XLA runs step k + 1 before step k's temporaries are freed, so the
+        # block cache maps a second block for them within the first few steps.
+        s, w = (2, 1) if big else (5, 3)
         for dtype in a.dtypes.split(","):
             rec = None
             for impl in impls if "train" in only else ():

@@ -22,7 +22,9 @@ def get_config(arg: str = ""):
     c.model = ml_collections.ConfigDict()
     c.model.features = 16           # 32 in the paper; 16 keeps the CPU quickstart short
     c.model.dropout = 0.3           # attention dropout while training
-    c.model.dtype = "float32"       # bfloat16 / auto: mixed precision (float32 params/optimizer)
+    c.model.dtype = "auto"          # bfloat16 convolutions on a CPU with bf16 units (AMX-BF16,
+                                    # AVX512-BF16), else float32; 'float32' or 'bfloat16' to fix
+                                    # it (bfloat16: float32 params, optimizer, norms and loss)
     c.model.impl = "auto"           # convolution formulation: 'cpu' on CPU, 'xla' on GPU/TPU
 
     c.data = ml_collections.ConfigDict()
@@ -126,6 +128,7 @@ def get_config(arg: str = ""):
                                     # threshold, on the labeled images): the network sees each
                                     # window resampled by the zoom, its density resampled back
     if arg == "tiny":
+        c.model.dtype = "float32"   # what the tests compare against
         c.model.features = 4
         c.data.shape = (32, 32)
         c.data.num_cells = (4, 8)

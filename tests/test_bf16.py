@@ -183,6 +183,22 @@ def test_the_bf16_network_s_gradient_is_as_close_to_float32_as_bf16_rounding_all
     assert np.dot(ours, ref) / np.linalg.norm(ours) / np.linalg.norm(ref) > 0.98, err
 
 
+@pytest.mark.skipif(native.bf16_units() != "amx_bf16",
+                    reason="no AMX here: the AVX512-BF16 path is the one the tests above run")
+def test_the_avx512_bf16_path_of_an_amx_cpu():
+    """On a CPU with AMX, the tests above ran oneDNN's AMX kernels; here they run again with
+    oneDNN limited to AVX512-BF16 (the path of CPUs without AMX, e.g. AMD Zen 4/5)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
+    units = subprocess.run([sys.executable, "-c", "from cellcount_jax import native;"
+                            "print(native.bf16_units())"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert units.stdout.strip() == "avx512_bf16", units.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "match_float32 or smaller_than_the_kernel"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+
+
 def test_without_bf16_units_bf16_convolutions_fall_back_to_xla():
     """oneDNN limited to AVX-512 without bf16 (as on a CPU without bf16 units): no units are
     reported, the bf16 convolution lowers to XLA's and still computes it."""
