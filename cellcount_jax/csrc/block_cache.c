@@ -9,10 +9,11 @@
 // `cc_blocks_install` points the imports of posix_memalign and free of the libraries whose path
 // contains a given string (jaxlib's) at the two functions below, by rewriting their entries in
 // those libraries' global offset tables. Blocks of at least `min_bytes` go through a small cache:
-// a freed one stays mapped and the next request of the same size and alignment gets it back;
-// idle blocks beyond `max_idle_bytes` in all are released to the allocator, least recently
-// used first. Everything smaller goes straight to the allocator, and so does everything of
-// any other library. Both functions forward to whatever posix_memalign and free the process
+// a freed one stays mapped and the next request of the same size and alignment gets it back.
+// An idle block goes back to the allocator when it was not reused within STALE frees of cached
+// blocks, or when the idle blocks exceed `max_idle_bytes` in all (least recently freed first).
+// Everything smaller goes straight to the allocator, and so does everything of any other
+// library. Both functions forward to whatever posix_memalign and free the process
 // resolves (glibc's, or a preloaded allocator's).
 #define _GNU_SOURCE
 #include <dlfcn.h>
