@@ -55,7 +55,8 @@ class BuildExt(build_ext):
 
 setup(
     ext_modules=[
-        Extension("cellcount_jax._native", ["cellcount_jax/csrc/conv.cc"], language="c++",
+        Extension("cellcount_jax._native", ["cellcount_jax/csrc/conv.cc", "cellcount_jax/csrc/norm.cc"],
+                  depends=["cellcount_jax/csrc/parallel.h"], language="c++",
                   optional=True, extra_compile_args=FLAGS + ["-ffp-contract=fast"]),
         Extension("cellcount_jax._blocks", ["cellcount_jax/csrc/block_cache.c"],
                   optional=True, extra_compile_args=["-O2"]),

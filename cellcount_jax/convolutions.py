@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cellcount_jax import block_cache, native
@@ -240,21 +241,23 @@ conv2d.defvjp(functools.partial(_conv_fwd, conv2d.fun), _conv2d_bwd)
 conv3d_folded.defvjp(functools.partial(_conv_fwd, conv3d_folded.fun), _conv3d_folded_bwd)
 
 
-def _lax_conv(x, kernel, padding):
-    """Stride-1 `lax` convolution, channels last (NHWC x HWIO or NDHWC x DHWIO), float32 result."""
+def _lax_conv(x, kernel, padding, out_dtype=jnp.float32):
+    """Stride-1 `lax` convolution, channels last (NHWC x HWIO or NDHWC x DHWIO), float32
+    accumulation, the result in out_dtype."""
     nd = x.ndim - 2
     dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
     return lax.conv_general_dilated(x, kernel, (1,) * nd, padding, dimension_numbers=dn,
-                                    preferred_element_type=jnp.float32)
+                                    preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _bf16_units_conv(x, kernel, padding):
-    """bf16 x and kernel -> float32, by `native.conv_bf16` where the CPU has bf16 units."""
+def _bf16_units_conv(x, kernel, padding, out_dtype=jnp.float32):
+    """bf16 x and kernel -> out_dtype (float32 accumulation), by `native.conv_bf16` where
+    the CPU has bf16 units."""
     if native.bf16_available() and min(min(pad) for pad in padding) >= 0:
         return lax.platform_dependent(
-            x, kernel, cpu=lambda x, k: native.conv_bf16(x, k, padding),
-            default=lambda x, k: _lax_conv(x, k, padding))
-    return _lax_conv(x, kernel, padding)
+            x, kernel, cpu=lambda x, k: native.conv_bf16(x, k, padding, out_dtype),
+            default=lambda x, k: _lax_conv(x, k, padding, out_dtype))
+    return _lax_conv(x, kernel, padding, out_dtype)
 
 
 def _bf16_kernel_grad(x, g, kernel_shape, padding):
@@ -291,16 +294,21 @@ def _conv_bf16_fwd(x, kernel, padding):
     return _bf16_units_conv(xb, kb, padding), (xb, kb, dtypes)
 
 
-def _conv_bf16_bwd(padding, res, g):
-    xb, kb, (x_like, k_like) = res
+def _conv_bf16_grads(xb, kb, padding, g, dx_dtype):
+    """(dx in dx_dtype, dk float32) of conv_bf16 for bf16 x, kernel and output gradient g.
+    The input gradient is the convolution of g with the flipped, transposed kernel."""
     gb = g.astype(jnp.bfloat16)
     nd = xb.ndim - 2
-    # The input gradient is the convolution of g with the flipped, transposed kernel.
     flipped = jnp.swapaxes(jnp.flip(kb, tuple(range(nd))), -1, -2)
     pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kb.shape[:nd], padding))
-    dx = _bf16_units_conv(gb, flipped, pads)
-    dk = _bf16_kernel_grad(xb, gb, kb.shape, padding)
-    return dx.astype(x_like.dtype), dk.astype(k_like.dtype)
+    return (_bf16_units_conv(gb, flipped, pads, dx_dtype),
+            _bf16_kernel_grad(xb, gb, kb.shape, padding))
+
+
+def _conv_bf16_bwd(padding, res, g):
+    xb, kb, (x_like, k_like) = res
+    dx, dk = _conv_bf16_grads(xb, kb, padding, g, x_like.dtype)
+    return dx, dk.astype(k_like.dtype)
 
 
 conv_bf16.defvjp(_conv_bf16_fwd, _conv_bf16_bwd)
@@ -312,6 +320,143 @@ def conv_bf16_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
     `conv_bf16` (float32 result)."""
     pads = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
     return conv_bf16(lhs, rhs, pads)
+
+
+NORM_EPS = 1e-6  # the reference implementation's instance norm epsilon
+
+
+def _relu_norm_xla(y, b, scale, beta, eps=NORM_EPS):
+    """max(y + b, 0) through flax's InstanceNorm (fast variance), by jax.numpy, float32."""
+    z = jax.nn.relu(y + b)
+    axes = tuple(range(1, y.ndim - 1))
+    mean = z.mean(axes, keepdims=True)
+    var = jnp.maximum((z * z).mean(axes, keepdims=True) - mean * mean, 0.0)
+    return (z - mean) * (lax.rsqrt(var + eps) * scale) + beta
+
+
+def _expand(v, ndim):
+    """(n, c) -> (n, 1, ..., 1, c) against an (n, *spatial, c) array of rank ndim."""
+    return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[-1],))
+
+
+def _relu_norm_fwd(y, b, scale, beta, out_dtype):
+    """(out, stats (n, 2, c) = mean and 1 / std of max(y + b, 0)): `native.relu_norm` on the
+    CPU, jax.numpy elsewhere."""
+    def other(y, b, scale, beta):
+        z = jax.nn.relu(y + b)
+        axes = tuple(range(1, y.ndim - 1))
+        mean = z.mean(axes)
+        r = lax.rsqrt(jnp.maximum((z * z).mean(axes) - mean * mean, 0.0) + NORM_EPS)
+        out = (z - _expand(mean, y.ndim)) * _expand(r * scale, y.ndim) + beta
+        return out.astype(out_dtype), jnp.stack([mean, r], 1)
+
+    return lax.platform_dependent(
+        y, b, scale, beta, default=other,
+        cpu=lambda *a: native.relu_norm(*a, NORM_EPS, out_dtype))
+
+
+def _relu_norm_bwd(y, b, scale, stats, g, dy_dtype):
+    """(dy, (db, dscale, dbeta)) of `_relu_norm_fwd` for the output gradient g:
+    `native.relu_norm_grad` on the CPU, jax.numpy elsewhere."""
+    def other(y, b, scale, stats, g):
+        axes = tuple(range(1, y.ndim - 1))
+        pixels = np.prod(y.shape[1:-1])
+        m, r = _expand(stats[:, 0], y.ndim), _expand(stats[:, 1], y.ndim)
+        g = g.astype(jnp.float32)
+        x = y + b
+        xhat = (jax.nn.relu(x) - m) * r
+        s1, s2 = g.sum(axes), (g * xhat).sum(axes)
+        dy = jnp.where(x > 0, r * scale * (g - _expand(s1 / pixels, y.ndim)
+                                           - xhat * _expand(s2 / pixels, y.ndim)), 0.0)
+        return dy.astype(dy_dtype), jnp.stack([s1, s2, dy.sum(axes)], 1)
+
+    dy, sums = lax.platform_dependent(
+        y, b, scale, stats, g, default=other,
+        cpu=lambda *a: native.relu_norm_grad(*a, dy_dtype))
+    sums = sums.sum(0)
+    return dy, (sums[2], sums[1], sums[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _bias_relu_norm(y, b, scale, beta, out_dtype):
+    return _relu_norm_fwd(y, b, scale, beta, out_dtype)[0]
+
+
+def _bias_relu_norm_fwd(y, b, scale, beta, out_dtype):
+    out, stats = _relu_norm_fwd(y, b, scale, beta, out_dtype)
+    return out, (y, b, scale, stats)
+
+
+def _bias_relu_norm_bwd(out_dtype, res, g):
+    dy, grads = _relu_norm_bwd(*res, g, jnp.float32)
+    return (dy,) + grads
+
+
+_bias_relu_norm.defvjp(_bias_relu_norm_fwd, _bias_relu_norm_bwd)
+
+
+def relu_norm(y, b, scale, beta, out_dtype=jnp.float32):
+    """max(y + b, 0) through an instance norm (the statistics over the pixels of each image
+    and channel, eps NORM_EPS, then times scale plus beta; flax's `InstanceNorm`), in
+    `out_dtype`; y (n, *spatial, c) float32. With the native kernels (`native.relu_norm`) one
+    pass each way, the output written in out_dtype; else by jax.numpy."""
+    if not (native.relu_norm_available() and y.dtype == jnp.float32):
+        return _relu_norm_xla(y, b, scale, beta).astype(out_dtype)
+    return _bias_relu_norm(y, b, scale, beta, jnp.dtype(out_dtype))
+
+
+def _conv_cpu(x, kernel, padding):
+    """The float32 'cpu' convolution without its VJP: (y, its backward pass g -> (dx, dk))."""
+    if x.ndim == 4:
+        return conv2d.fun(x, kernel, padding), functools.partial(_conv2d_bwd, padding, None)
+    return conv3d_folded.fun(x, kernel, padding), functools.partial(_conv3d_folded_bwd, padding, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _conv_relu_norm(x, kernel, b, scale, beta, padding, bf16, out_dtype):
+    return _conv_relu_norm_fwd(x, kernel, b, scale, beta, padding, bf16, out_dtype)[0]
+
+
+def _conv_relu_norm_fwd(x, kernel, b, scale, beta, padding, bf16, out_dtype):
+    x_like = jnp.zeros(0, x.dtype)  # x's dtype, that of its gradient
+    if bf16:
+        x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+        y = _bf16_units_conv(x, kernel, padding)
+    else:
+        y = _conv_cpu(x, kernel, padding)[0]
+    out, stats = _relu_norm_fwd(y, b, scale, beta, out_dtype)
+    return out, (x, kernel, y, b, scale, stats, x_like)
+
+
+def _conv_relu_norm_bwd(padding, bf16, out_dtype, res, g):
+    x, kernel, y, b, scale, stats, x_like = res
+    dy, grads = _relu_norm_bwd(y, b, scale, stats, g, jnp.bfloat16 if bf16 else jnp.float32)
+    if bf16:
+        dx, dk = _conv_bf16_grads(x, kernel, padding, dy, x_like.dtype)
+    else:
+        dx, dk = _conv_cpu(x, kernel, padding)[1]((x, kernel), dy)
+    return (dx, dk) + grads
+
+
+_conv_relu_norm.defvjp(_conv_relu_norm_fwd, _conv_relu_norm_bwd)
+
+
+def conv_relu_norm(x, kernel, b, scale, beta, dtype=jnp.float32, out_dtype=jnp.float32):
+    """One SAU-Net convolution layer on the 'cpu' path: the 3x3(x3) 'SAME' convolution of x
+    and kernel (in `dtype`: float32, or bfloat16 on the CPU's bf16 units as `conv_bf16`),
+    its bias b, ReLU and instance norm (scale, beta) as `relu_norm`, returned in
+    `out_dtype`. With the native kernels one custom VJP whose convolution gradients take
+    the norm's gradient in the convolution's dtype (bf16: written directly, and the input
+    gradient comes back in x's dtype); else the layer composed of `conv_fn` and jax.numpy."""
+    nd = x.ndim - 2
+    padding = tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:nd])
+    bf16 = jnp.dtype(dtype) == jnp.bfloat16
+    if not bf16:  # as nn.Conv: the operands in the compute dtype
+        x, kernel, b = x.astype(dtype), kernel.astype(dtype), b.astype(dtype)
+    if not (native.relu_norm_available() and (bf16 or jnp.dtype(dtype) == jnp.float32)):
+        y = conv_fn("cpu", kernel.shape[:nd], dtype)(x, kernel, (1,) * nd, padding)
+        return _relu_norm_xla(y, b, scale, beta).astype(out_dtype)
+    return _conv_relu_norm(x, kernel, b, scale, beta, padding, bf16, jnp.dtype(out_dtype))
 
 
 def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -25,7 +25,30 @@ LEVELS = 4
 def _norm(dtype, name=None):
     # eps as the reference implementation; scale and bias learned per channel. Statistics are
     # computed in float32 whatever the compute dtype.
-    return nn.InstanceNorm(epsilon=1e-6, dtype=dtype, name=name)
+    return nn.InstanceNorm(epsilon=convolutions.NORM_EPS, dtype=dtype, name=name)
+
+
+class ConvParams(nn.Module):
+    """The parameters of `nn.Conv(features, kernel_size)` (same names, shapes and initial
+    values), for layers that compute the convolution themselves."""
+    features: int
+    kernel_size: Sequence[int]
+
+    @nn.compact
+    def __call__(self, in_features):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            tuple(self.kernel_size) + (in_features, self.features), jnp.float32)
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                                  jnp.float32)
+
+
+class NormParams(nn.Module):
+    """The parameters of `nn.InstanceNorm` (scale, bias) for `features` channels."""
+
+    @nn.compact
+    def __call__(self, features):
+        return (self.param("scale", nn.initializers.ones_init(), (features,), jnp.float32),
+                self.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32))
 
 
 def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS - 1)):
@@ -55,17 +78,21 @@ class UpConv(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, add_bias: bool = True):
+        """The upsampled x, or (it without the bias, the bias) if not add_bias."""
         nd = x.ndim - 2
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (2,) * nd + (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return convolutions.upsample2(x, kernel, self.impl) + bias
+        y = convolutions.upsample2(x, kernel, self.impl)
+        return y + bias if add_bias else (y, bias)
 
 class Block(nn.Module):
     """Two times [3x3(x3) conv with bias, SAME -> ReLU -> InstanceNorm] (activation before norm);
-    the convolutions compute in `conv_dtype` (default `dtype`)."""
+    the convolutions compute in `conv_dtype` (default `dtype`). On the 'cpu' path each layer is
+    one `convolutions.conv_relu_norm`, the first returning `conv_dtype` (what the second
+    convolution reads), the second `dtype`."""
     features: int
     dtype: Any = jnp.float32
     impl: str = "xla"
@@ -74,6 +101,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         k = (3,) * (x.ndim - 2)
+        if convolutions.resolve_impl(self.impl) == "cpu":
+            conv_dtype = self.conv_dtype or self.dtype
+            for i, out_dtype in enumerate((conv_dtype, self.dtype)):
+                kernel, bias = ConvParams(self.features, k, name=f"Conv_{i}")(x.shape[-1])
+                scale, beta = NormParams(name=f"InstanceNorm_{i}")(self.features)
+                x = convolutions.conv_relu_norm(x, kernel, bias, scale, beta, conv_dtype, out_dtype)
+            return x
         for _ in range(2):
             conv = _conv(self.features, k, self.impl, self.dtype, self.conv_dtype)
             x = _norm(self.dtype)(nn.relu(conv(x)))
@@ -138,8 +172,13 @@ class Decoder(nn.Module):
         ndim = x.ndim - 2
         for level in reversed(range(LEVELS - 1)):
             f = self.features * 2 ** level
-            x = UpConv(f, self.impl, self.dtype, name=f"up{level}")(x)
-            x = _norm(self.dtype, f"up_norm{level}")(nn.relu(x))
+            up = UpConv(f, self.impl, self.dtype, name=f"up{level}")
+            if convolutions.resolve_impl(self.impl) == "cpu":
+                y, bias = up(x, add_bias=False)
+                scale, beta = NormParams(name=f"up_norm{level}")(f)
+                x = convolutions.relu_norm(y, bias, scale, beta, self.dtype)
+            else:
+                x = _norm(self.dtype, f"up_norm{level}")(nn.relu(up(x)))
             x = Block(f, self.dtype, self.impl, self.conv_dtype, name=f"dec{level}")(
                 jnp.concatenate([skips[level], x], axis=-1))
         y = _conv(1, (1,) * ndim, self.impl, self.dtype, name="head")(x)

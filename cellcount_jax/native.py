@@ -26,6 +26,8 @@ import numpy as np
 
 KERNEL_GRAD_TARGET = "cellcount_conv_kernel_grad"
 CONV_TARGET = "cellcount_conv"
+RELU_NORM_TARGET = "cellcount_relu_norm"
+RELU_NORM_GRAD_TARGET = "cellcount_relu_norm_grad"
 BF16_CONV_TARGET = "cellcount_dnnl_conv"
 BF16_KERNEL_GRAD_TARGET = "cellcount_dnnl_conv_kernel_grad"
 BF16_UNITS = {0: None, 1: "avx512_bf16", 2: "amx_bf16"}
@@ -44,6 +46,9 @@ def _library():
         return None
     jax.ffi.register_ffi_target(KERNEL_GRAD_TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.CcConv), platform="cpu")
+    jax.ffi.register_ffi_target(RELU_NORM_TARGET, jax.ffi.pycapsule(lib.CcReluNorm), platform="cpu")
+    jax.ffi.register_ffi_target(RELU_NORM_GRAD_TARGET, jax.ffi.pycapsule(lib.CcReluNormGrad),
+                                platform="cpu")
     return lib
 
 
@@ -102,6 +107,35 @@ def conv_kernel_grad(x, g, kernel_spatial, pad_lo):
     return dk[0] if two_d else dk
 
 
+def relu_norm_available() -> bool:
+    """Whether `relu_norm` and `relu_norm_grad` run on this machine's CPU."""
+    return _library() is not None
+
+
+def relu_norm(y, b, scale, beta, eps, out_dtype):
+    """z = max(y + b, 0), normalised over the pixels of each image and channel: returns
+    ((z - m) r scale + beta in `out_dtype` (float32 or bfloat16), stats (n, 2, c) = (m, r)),
+    r = 1 / sqrt(var + eps). y: (n, *spatial, c) float32; b, scale, beta: (c,) float32."""
+    _check()
+    n, c = y.shape[0], y.shape[-1]
+    return jax.ffi.ffi_call(RELU_NORM_TARGET,
+                            (jax.ShapeDtypeStruct(y.shape, out_dtype),
+                             jax.ShapeDtypeStruct((n, 2, c), np.float32)),
+                            vmap_method="sequential")(y, b, scale, beta, eps=np.float32(eps))
+
+
+def relu_norm_grad(y, b, scale, stats, g, dy_dtype):
+    """The backward pass of `relu_norm` for the output gradient g (float32 or bfloat16):
+    returns (dy in `dy_dtype`, sums (n, 3, c) = (sum g, sum g xhat, sum dy) over the pixels),
+    whose sums over images are the gradients of beta, scale and b."""
+    _check()
+    n, c = y.shape[0], y.shape[-1]
+    return jax.ffi.ffi_call(RELU_NORM_GRAD_TARGET,
+                            (jax.ShapeDtypeStruct(y.shape, dy_dtype),
+                             jax.ShapeDtypeStruct((n, 3, c), np.float32)),
+                            vmap_method="sequential")(y, b, scale, stats, g)
+
+
 @functools.cache
 def _dnnl_library():
     """The oneDNN bf16 library (`csrc/dnnl_conv.cc`) with its FFI targets registered, or None:
@@ -157,9 +191,10 @@ def _as_3d(x, kernel_spatial, padding):
     return x, tuple(kernel_spatial), tuple(padding), False
 
 
-def conv_bf16(x, kernel, padding):
+def conv_bf16(x, kernel, padding, out_dtype=np.float32):
     """`conv` of bfloat16 operands: x (n, *spatial, ci) and kernel (*kernel_spatial, ci, co)
-    bf16, float32 accumulation and result (oneDNN on the CPU's bf16 units)."""
+    bf16, float32 accumulation, the result in out_dtype (float32 or bfloat16, rounded to
+    nearest even) (oneDNN on the CPU's bf16 units)."""
     if _dnnl_library() is None:
         raise RuntimeError("the bf16 convolutions are not available here (native.bf16_units)")
     nd = x.ndim - 2
@@ -167,7 +202,7 @@ def conv_bf16(x, kernel, padding):
     kernel = kernel[None] if two_d else kernel
     out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(x.shape[1:4], ks, padding)]
     y = jax.ffi.ffi_call(BF16_CONV_TARGET,
-                         jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), np.float32),
+                         jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), out_dtype),
                          vmap_method="sequential")(
         x, kernel, pz=np.int64(padding[0][0]), py=np.int64(padding[1][0]),
         px=np.int64(padding[2][0]))

@@ -1,4 +1,6 @@
-"""The native CPU kernel gradient (`native.conv_kernel_grad`) against a float64 numpy sum."""
+"""The native CPU kernels: the convolution and its kernel gradient against float64 sums, the
+fused bias + ReLU + instance norm (`native.relu_norm`) against a float64 formulation, and the
+'cpu' layers built on them against flax's."""
 import itertools
 
 import jax
@@ -140,3 +142,100 @@ def test_kernel_grad_is_bitwise_reproducible():
     first = np.asarray(f(x, g))
     for _ in range(5):
         np.testing.assert_array_equal(np.asarray(f(x, g)), first)
+
+
+def _relu_norm64(y, b, scale, beta, eps=convolutions.NORM_EPS):
+    """max(y + b, 0) through an instance norm, float64 jax.numpy (two-pass variance)."""
+    z = jnp.maximum(y + b, 0)
+    axes = tuple(range(1, y.ndim - 1))
+    mean, var = z.mean(axes, keepdims=True), z.var(axes, keepdims=True)
+    return (z - mean) / jnp.sqrt(var + eps) * scale + beta
+
+
+@pytest.mark.parametrize("shape", [
+    (3, 5, 7, 12),          # channels not a multiple of 16
+    (2, 40, 33, 16),        # several chunks of pixels per image
+    (2, 3, 9, 10, 48),      # 3D
+    (3, 128, 100, 104),     # one image per group (images larger than the group's bytes)
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_norm_matches_float64(shape, dtype):
+    """`native.relu_norm` and `relu_norm_grad`: the output (in float32 or rounded to bf16),
+    the statistics, the input gradient and the parameter gradients against jax.vjp of a
+    float64 formulation; with a bf16 output gradient, against the same rounded gradient."""
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    c = shape[-1]
+    y = rng.normal(size=shape).astype(np.float32)
+    y[0, ..., 0] = -1.0  # a channel that is all zero after the ReLU: variance 0
+    b, beta = (rng.normal(size=c).astype(np.float32) * 0.3 for _ in range(2))
+    scale = (1 + 0.2 * rng.normal(size=c)).astype(np.float32)
+    g = np.asarray(jnp.asarray(rng.normal(size=shape), dtype), np.float64)
+    out, stats = jax.jit(lambda *a: native.relu_norm(*a, convolutions.NORM_EPS, dtype))(
+        y, b, scale, beta)
+    dy, sums = jax.jit(lambda *a: native.relu_norm_grad(*a, dtype))(
+        y, b, scale, stats, jnp.asarray(g, dtype))
+    assert out.dtype == dy.dtype == dtype and stats.shape == (shape[0], 2, c)
+    with jax.enable_x64(True):
+        args = [np.asarray(a, np.float64) for a in (y, b, scale, beta)]
+        want, vjp = jax.vjp(_relu_norm64, *args)
+        want_dy, want_db, want_ds, want_dbeta = (np.asarray(v) for v in vjp(g))
+        z = np.maximum(args[0] + args[1], 0).reshape(shape[0], -1, c)
+        want_mean, want_var = z.mean(1), z.var(1)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -8  # bf16: half an ulp of rounding, and more
+    scale_of = lambda a: float(np.abs(a).max())  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tol, atol=tol * scale_of(want))
+    np.testing.assert_allclose(stats[:, 0], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats[:, 1], 1 / np.sqrt(want_var + convolutions.NORM_EPS), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dy, np.float64), want_dy, rtol=tol,
+                               atol=tol * scale_of(want_dy))
+    for got, want_sum in zip((sums[:, 2], sums[:, 1], sums[:, 0]), (want_db, want_ds, want_dbeta)):
+        np.testing.assert_allclose(got.sum(0), want_sum, rtol=1e-4, atol=1e-4 * scale_of(want_sum))
+
+
+def test_relu_norm_rounds_to_nearest_even():
+    """The bf16 output is XLA's rounding of the float32 one, NaN included."""
+    y = np.random.default_rng(0).normal(size=(2, 64, 64, 16)).astype(np.float32)
+    y[1, 3, 4, 5] = np.nan
+    zeros, ones = np.zeros(16, np.float32), np.ones(16, np.float32)
+    f = jax.jit(lambda y, dtype: native.relu_norm(y, zeros, ones, zeros, 1e-6, dtype)[0],
+                static_argnums=1)
+    want = np.asarray(f(y, jnp.float32).astype(jnp.bfloat16)).view(np.uint16)
+    got = np.asarray(f(y, jnp.bfloat16)).view(np.uint16)
+    assert np.isnan(np.asarray(f(y, jnp.bfloat16), np.float32)[1, ..., 5]).all()
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_fused_layers_match_flax_float32(ndim):
+    """A 'cpu' Block (two `conv_relu_norm` layers) against the 'xla' one (nn.Conv, ReLU,
+    nn.InstanceNorm): the same parameter names and initial values, and values and gradients
+    within float32 rounding; `relu_norm` (the decoder's norm after upsampling) against
+    jax.grad of flax's InstanceNorm of the ReLU."""
+    k = jax.random.split(jax.random.key(ndim), 3)
+    x = jax.random.normal(k[0], (2,) + (8,) * ndim + (16,))
+    blocks = {impl: models.Block(32, impl=impl) for impl in ("xla", "cpu")}
+    p = blocks["xla"].init(k[1], x)["params"]
+    same = jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
+                        blocks["cpu"].init(k[1], x)["params"], p)
+    assert all(jax.tree.leaves(same))
+    p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(k[2], a.shape), p)  # biases, norms
+    w = jax.random.normal(k[2], x.shape[:-1] + (32,))
+    out = {}
+    for impl, blk in blocks.items():
+        f = lambda p, x: jnp.vdot(blk.apply({"params": p}, x), w)  # noqa: E731,B023
+        out[impl] = convolutions.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x)
+        hlo = convolutions.jit(jax.grad(f)).lower(p, x).as_text()
+        assert (native.RELU_NORM_GRAD_TARGET in hlo) == (impl == "cpu")
+    for a, b in zip(jax.tree.leaves(out["cpu"]), jax.tree.leaves(out["xla"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+    y = jax.random.normal(k[0], x.shape[:-1] + (32,))
+    b, scale, beta = (p["Conv_0"]["bias"], p["InstanceNorm_0"]["scale"], p["InstanceNorm_0"]["bias"])
+    norm = models._norm(jnp.float32)
+    flax_f = lambda y, b, s, t: jnp.vdot(norm.apply(  # noqa: E731
+        {"params": {"scale": s, "bias": t}}, jax.nn.relu(y + b)), w)
+    ours_f = lambda *a: jnp.vdot(convolutions.relu_norm(*a), w)  # noqa: E731
+    want = jax.jit(jax.value_and_grad(flax_f, argnums=(0, 1, 2, 3)))(y, b, scale, beta)
+    got = jax.jit(jax.value_and_grad(ours_f, argnums=(0, 1, 2, 3)))(y, b, scale, beta)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -2,7 +2,7 @@
 // (AMX tiles, AVX512-BF16), through oneDNN, as XLA FFI calls:
 //
 //   conv:        y[n, z, y, x, co] = sum_{t, ci} in[n, z + tz - pz, y + ty - py, x + tx - px, ci]
-//                                               * k[tz, ty, tx, ci, co]       (bf16 -> float32)
+//                                               * k[tz, ty, tx, ci, co]  (bf16 -> float32 or bf16)
 //   kernel grad: dk[tz, ty, tx, ci, co] = sum_{n, z, y, x} in[n, z + tz - pz, ...] * g[n, z, y,
 //                                                                   x, co]     (bf16 -> float32)
 //
@@ -39,12 +39,14 @@ dnnl::engine& Engine() {
 }
 
 // One convolution problem: input (n, d, h, w, ci), kernel (kd, kh, kw, ci, co), output
-// (n, od, oh, ow, co), low paddings; the high ones follow from the sizes.
+// (n, od, oh, ow, co) of type `out`, low paddings; the high ones follow from the sizes.
 struct Shape {
   int64_t n, d, h, w, ci, kd, kh, kw, co, od, oh, ow, pd, ph, pw;
+  Type out = Type::f32;
   bool two_d() const { return d == 1 && kd == 1 && od == 1 && pd == 0; }
   auto key() const {
-    return std::make_tuple(n, d, h, w, ci, kd, kh, kw, co, od, oh, ow, pd, ph, pw);
+    return std::make_tuple(n, d, h, w, ci, kd, kh, kw, co, od, oh, ow, pd, ph, pw,
+                           static_cast<int>(out));
   }
   Dims src() const { return two_d() ? Dims{n, ci, h, w} : Dims{n, ci, d, h, w}; }
   Dims dst() const { return two_d() ? Dims{n, co, oh, ow} : Dims{n, co, od, oh, ow}; }
@@ -77,7 +79,7 @@ struct Forward {
   dnnl::reorder to_weights;  // the user's (d)hwio kernel -> the primitive's layout
   memory::desc weights, scratch, reorder_scratch;
   explicit Forward(const Shape& s) {
-    auto pd = ForwardDesc(s, Type::f32);
+    auto pd = ForwardDesc(s, s.out);
     auto rpd = dnnl::reorder::primitive_desc(Engine(), s.md(s.weights(), Type::bf16, s.ker()),
                                              Engine(), pd.weights_desc(), UserScratchpad());
     conv = dnnl::convolution_forward(pd);
@@ -159,12 +161,16 @@ template <typename Buf>
 bool FiveD(const Buf& b) { return b.dimensions().size() == 5; }
 
 ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t pz, int64_t py, int64_t px) {
+                    ffi::Result<ffi::AnyBuffer> y, int64_t pz, int64_t py, int64_t px) {
   if (!FiveD(in) || !FiveD(k) || !FiveD(*y))
     return ffi::Error::InvalidArgument("dnnl conv: expects (n, z, y, x, c) x (z, y, x, in, out)");
+  const auto y_type = y->element_type();
+  if (y_type != ffi::DataType::F32 && y_type != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("dnnl conv: the result must be float32 or bfloat16");
   auto xd = in.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4],
-          yd[1], yd[2], yd[3], pz, py, px};
+          yd[1], yd[2], yd[3], pz, py, px,
+          y_type == ffi::DataType::F32 ? Type::f32 : Type::bf16};
   if (auto e = Check(s, kd[3], yd[0], "dnnl conv"); e.failure()) return e;
   try {
     const Forward& f = Cached<Forward>(s);
@@ -175,7 +181,7 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::BF16> in, ffi::Buffer<ffi::BF16> k,
                                   {DNNL_ARG_SCRATCHPAD, ThreadBuffer(2, f.reorder_scratch)}});
     f.conv.execute(stream, {{DNNL_ARG_SRC, Wrap(s, s.src(), Type::bf16, s.act(), in.typed_data())},
                             {DNNL_ARG_WEIGHTS, weights},
-                            {DNNL_ARG_DST, Wrap(s, s.dst(), Type::f32, s.act(), y->typed_data())},
+                            {DNNL_ARG_DST, Wrap(s, s.dst(), s.out, s.act(), y->untyped_data())},
                             {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   } catch (const std::exception& e) {  // oneDNN's errors, or out of memory
@@ -217,7 +223,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcDnnlConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pz")
                                   .Attr<int64_t>("py")
                                   .Attr<int64_t>("px"));
