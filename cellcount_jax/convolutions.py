@@ -22,6 +22,7 @@ which on XLA:CPU routes the remaining convolutions to its Eigen kernels instead 
 fusions; `train.Parallel` uses the same options.
 """
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -499,12 +500,22 @@ def upsample2(x, kernel, impl):
     (n, *spatial, in), kernel (2,)*ndim + (in, out). On the 'cpu' path one matrix product per
     pixel, out[2i + a] = x[i] @ kernel[1 - a], then depth-to-space."""
     nd = x.ndim - 2
-    features = kernel.shape[-1]
     if resolve_impl(impl) == "xla":
         dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
                                         ("NHWC", "HWIO", "NHWC") if nd == 2
                                         else ("NDHWC", "DHWIO", "NDHWC"))
         return lax.conv_transpose(x, kernel, (2,) * nd, "VALID", dimension_numbers=dn)
+    return _upsample2_cpu(x, kernel)
+
+
+@jax.custom_vjp
+def _upsample2_cpu(x, kernel):
+    """`upsample2` on the 'cpu' path. Its backward pass: dx[i] = sum_a g[2i + a] kernel[1 -
+    a]^T, a stride-2 convolution of g, and dk[1 - a] = sum_i x[i]^T g[2i + a], one
+    contraction per tap over a strided view of g; 2-3x faster on XLA:CPU than the transpose
+    of the depth-to-space and the matrix products that autodiff gives."""
+    nd = x.ndim - 2
+    features = kernel.shape[-1]
     # (in, taps * out) with taps in flipped order, so tap index a reads kernel[1 - a].
     w = jnp.flip(kernel, tuple(range(nd))).reshape(-1, x.shape[-1], features)
     w = jnp.moveaxis(w, 0, 1).reshape(x.shape[-1], -1)
@@ -513,3 +524,17 @@ def upsample2(x, kernel, impl):
     perm = [0] + [p for i in range(nd) for p in (1 + i, 1 + nd + i)] + [1 + 2 * nd]
     return y.transpose(perm).reshape((x.shape[0],) + tuple(2 * s for s in x.shape[1:-1])
                                      + (features,))
+
+
+def _upsample2_cpu_bwd(res, g):
+    x, kernel = res
+    nd = x.ndim - 2
+    flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    dx = lax.conv_general_dilated(g, flipped, (2,) * nd, "VALID", dimension_numbers=dn)
+    taps = [jnp.einsum("...c,...f->cf", x, g[(slice(None),) + tuple(slice(t, None, 2) for t in tap)])
+            for tap in itertools.product(range(2), repeat=nd)]
+    return dx, jnp.flip(jnp.stack(taps).reshape(kernel.shape), tuple(range(nd)))
+
+
+_upsample2_cpu.defvjp(lambda x, kernel: (_upsample2_cpu(x, kernel), (x, kernel)), _upsample2_cpu_bwd)
