@@ -10,14 +10,18 @@ several formulations with the same float32 values.
   XLA:CPU: a 3D convolution as one 2D convolution (z folded into the batch, the z taps into
   the channels) and a kernel gradient whose operands swap roles where that moves less data;
   2x2 max pooling as a reshape + max, a 2x2(x2) stride-2 transposed convolution as one matrix
-  product + depth-to-space, the 1x1(x1) output convolution as a matrix product. 2.5-7x faster
-  training on CPU than 'xla'; see docs/performance.md. In bfloat16 (`conv_bf16`) the 3x3(x3)
-  convolutions round their operands to bf16 and run on the CPU's bf16 units through oneDNN
-  (float32 accumulation and results); everything else stays float32.
+  product + depth-to-space (its backward pass a stride-2 convolution and per-tap
+  contractions), the 1x1(x1) output convolution as a matrix product. Each 3x3(x3)
+  convolution with its bias, ReLU and instance norm is one custom VJP (`conv_relu_norm`),
+  the bias + ReLU + norm in one pass each way by the native kernels (`native.relu_norm`;
+  `relu_norm` alone after the upsampling). 2.5-7x faster training on CPU than 'xla'; see
+  docs/performance.md. In bfloat16 (`conv_bf16`) the 3x3(x3) convolutions round their
+  operands to bf16 and run on the CPU's bf16 units through oneDNN (float32 accumulation and
+  results); everything else stays float32.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 
 The network reaches them through `conv_fn(impl, kernel_size, dtype)` (the `conv_general_dilated` of
-its `nn.Conv` layers), `max_pool2` and `upsample2`. `jit` compiles with `compiler_options()`,
+its `nn.Conv` layers), `conv_relu_norm`, `relu_norm`, `max_pool2` and `upsample2`. `jit` compiles with `compiler_options()`,
 which on XLA:CPU routes the remaining convolutions to its Eigen kernels instead of the YNNPACK
 fusions; `train.Parallel` uses the same options.
 """
@@ -326,33 +330,26 @@ def conv_bf16_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
 NORM_EPS = 1e-6  # the reference implementation's instance norm epsilon
 
 
-def _relu_norm_xla(y, b, scale, beta, eps=NORM_EPS):
-    """max(y + b, 0) through flax's InstanceNorm (fast variance), by jax.numpy, float32."""
-    z = jax.nn.relu(y + b)
-    axes = tuple(range(1, y.ndim - 1))
-    mean = z.mean(axes, keepdims=True)
-    var = jnp.maximum((z * z).mean(axes, keepdims=True) - mean * mean, 0.0)
-    return (z - mean) * (lax.rsqrt(var + eps) * scale) + beta
-
-
 def _expand(v, ndim):
     """(n, c) -> (n, 1, ..., 1, c) against an (n, *spatial, c) array of rank ndim."""
     return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[-1],))
 
 
-def _relu_norm_fwd(y, b, scale, beta, out_dtype):
-    """(out, stats (n, 2, c) = mean and 1 / std of max(y + b, 0)): `native.relu_norm` on the
-    CPU, jax.numpy elsewhere."""
-    def other(y, b, scale, beta):
-        z = jax.nn.relu(y + b)
-        axes = tuple(range(1, y.ndim - 1))
-        mean = z.mean(axes)
-        r = lax.rsqrt(jnp.maximum((z * z).mean(axes) - mean * mean, 0.0) + NORM_EPS)
-        out = (z - _expand(mean, y.ndim)) * _expand(r * scale, y.ndim) + beta
-        return out.astype(out_dtype), jnp.stack([mean, r], 1)
+def _relu_norm_jnp(y, b, scale, beta, out_dtype=jnp.float32):
+    """(out, stats (n, 2, c) = mean and 1 / std) of max(y + b, 0) through flax's InstanceNorm
+    (fast variance), by jax.numpy in float32, out in out_dtype."""
+    z = jax.nn.relu(y + b)
+    axes = tuple(range(1, y.ndim - 1))
+    mean = z.mean(axes)
+    r = lax.rsqrt(jnp.maximum((z * z).mean(axes) - mean * mean, 0.0) + NORM_EPS)
+    out = (z - _expand(mean, y.ndim)) * _expand(r * scale, y.ndim) + beta
+    return out.astype(out_dtype), jnp.stack([mean, r], 1)
 
+
+def _relu_norm_fwd(y, b, scale, beta, out_dtype):
+    """`_relu_norm_jnp` by `native.relu_norm` on the CPU."""
     return lax.platform_dependent(
-        y, b, scale, beta, default=other,
+        y, b, scale, beta, default=lambda *a: _relu_norm_jnp(*a, out_dtype),
         cpu=lambda *a: native.relu_norm(*a, NORM_EPS, out_dtype))
 
 
@@ -402,7 +399,7 @@ def relu_norm(y, b, scale, beta, out_dtype=jnp.float32):
     `out_dtype`; y (n, *spatial, c) float32. With the native kernels (`native.relu_norm`) one
     pass each way, the output written in out_dtype; else by jax.numpy."""
     if not (native.relu_norm_available() and y.dtype == jnp.float32):
-        return _relu_norm_xla(y, b, scale, beta).astype(out_dtype)
+        return _relu_norm_jnp(y, b, scale, beta, out_dtype)[0]
     return _bias_relu_norm(y, b, scale, beta, jnp.dtype(out_dtype))
 
 
@@ -456,7 +453,7 @@ def conv_relu_norm(x, kernel, b, scale, beta, dtype=jnp.float32, out_dtype=jnp.f
         x, kernel, b = x.astype(dtype), kernel.astype(dtype), b.astype(dtype)
     if not (native.relu_norm_available() and (bf16 or jnp.dtype(dtype) == jnp.float32)):
         y = conv_fn("cpu", kernel.shape[:nd], dtype)(x, kernel, (1,) * nd, padding)
-        return _relu_norm_xla(y, b, scale, beta).astype(out_dtype)
+        return _relu_norm_jnp(y, b, scale, beta, out_dtype)[0]
     return _conv_relu_norm(x, kernel, b, scale, beta, padding, bf16, jnp.dtype(out_dtype))
 
 

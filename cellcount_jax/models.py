@@ -192,8 +192,9 @@ class SAUNet(nn.Module):
     Spatial sizes must be multiples of 8. dtype: the compute dtype (e.g. bfloat16 on
     accelerators); parameters stay float32, norms and softmax compute in float32, the
     density comes back as float32. On the 'cpu' path bfloat16 applies to the 3x3(x3)
-    convolutions only (the CPU's bf16 units, `convolutions.conv_bf16`) and the rest computes
-    in float32, as XLA:CPU runs its other bf16 operations in float32 with extra conversions.
+    convolutions only (the CPU's bf16 units, `convolutions.conv_relu_norm`: their operands,
+    and the gradients they take and give back, in bf16) and the rest computes in float32, as
+    XLA:CPU runs its other bf16 operations in float32 with extra conversions.
     impl: 'xla' | 'cpu' | 'auto', see the module docstring; parameters do not depend on it.
     """
     features: int = 32

@@ -1,4 +1,5 @@
-"""Native CPU convolution kernels, called from jitted code through XLA's FFI.
+"""Native CPU kernels (convolutions, bias + ReLU + instance norm), called from jitted code
+through XLA's FFI.
 
 `conv` (a stride-1 convolution, also the input gradient of one) and `conv_kernel_grad` (its
 kernel gradient), register-blocked AVX-512 loops over channels-last arrays (`csrc/conv.cc`):
@@ -8,6 +9,11 @@ is compiled when the package is installed (`setup.py`, optional: an install with
 compiler still works) and is used only where it can run: the CPU backend, an x86-64 CPU with
 AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `available`
 says no and the model keeps its XLA formulation. `CELLCOUNT_JAX_NATIVE=0` switches it off.
+
+`relu_norm` and `relu_norm_grad` (`csrc/norm.cc`): a convolution's bias, ReLU and instance
+norm in two reads of the array each way, a group of images at a time (XLA:CPU makes 6-10
+passes of them, with slow float32 -> bfloat16 conversions), the output and the gradient
+written in float32 or bfloat16; in the same library, on the same CPUs.
 
 `conv_bf16` and `conv_kernel_grad_bf16`: the same two for bfloat16 operands (float32
 accumulation and results) through oneDNN (`csrc/dnnl_conv.cc`, the

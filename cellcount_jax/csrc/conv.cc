@@ -19,13 +19,12 @@
 // The vector code is AVX-512 (`cc_native_supported` tells whether this CPU has it); the Python
 // side falls back to XLA's formulation elsewhere.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -223,33 +222,6 @@ void AddInto(float* dst, const float* src, int64_t size) {
 // The rows are split into a fixed number of parts, each summed in row order into its own
 // buffer (part 0: the result), and the parts are added in order: the result does not depend
 // on which thread took which part, so training runs are reproducible.
-struct Shared {
-  std::atomic<int64_t> next_part{0};
-  std::atomic<int> active{0};
-  std::vector<float*> part_dk;
-  std::vector<std::unique_ptr<float[]>> storage;
-  Problem p;
-  int64_t rows = 0, rows_per_chunk = 1, num_parts = 1, dk_size = 0;
-};
-
-#if CC_HAVE_KERNEL
-// Claims parts until none is left.
-void Work(Shared& s) {
-  s.active.fetch_add(1);
-  for (;;) {
-    const int64_t part = s.next_part.fetch_add(1);
-    if (part >= s.num_parts) break;
-    float* dk = s.part_dk[part];
-    std::memset(dk, 0, s.dk_size * sizeof(float));
-    const int64_t r_end = s.rows * (part + 1) / s.num_parts;
-    // Chunks of rows within the part keep what the rows read in L2 across taps and blocks.
-    for (int64_t r0 = s.rows * part / s.num_parts; r0 < r_end; r0 += s.rows_per_chunk)
-      RowsDispatch(s.p, r0, std::min(r0 + s.rows_per_chunk, r_end), dk);
-  }
-  s.active.fetch_sub(1);
-}
-#endif
-
 ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
                           int64_t kz, int64_t ky, int64_t kx, int64_t pz, int64_t py,
@@ -261,29 +233,28 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
     return ffi::Error::InvalidArgument("conv kernel grad: expects (n, z, y, x, c) operands");
   if (gd[4] % 16 != 0)
     return ffi::Error::InvalidArgument("conv kernel grad: output channels must be a multiple of 16");
-  auto s = std::make_shared<Shared>();
-  s->p = Problem{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
-                 kz, ky, kx, pz, py, px, in.typed_data(), g.typed_data()};
-  s->dk_size = kz * ky * kx * xd[4] * gd[4];
-  s->rows = gd[0] * gd[1] * gd[2];
+  const Problem p{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
+                  kz, ky, kx, pz, py, px, in.typed_data(), g.typed_data()};
+  const int64_t dk_size = kz * ky * kx * xd[4] * gd[4];
+  const int64_t rows = gd[0] * gd[1] * gd[2];
   // Chunks of ~512 output pixels: the rows they read stay in L2 across taps and channel blocks.
-  s->rows_per_chunk = std::max<int64_t>(1, (512 + gd[3] - 1) / gd[3]);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (512 + gd[3] - 1) / gd[3]);
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  s->num_parts = std::max<int64_t>(1, std::min<int64_t>(workers, s->rows / s->rows_per_chunk));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(workers, rows / rows_per_chunk));
   float* out = dk->typed_data();
-  s->part_dk.assign(s->num_parts, out);
-  s->storage.resize(s->num_parts);
-  for (int64_t i = 1; i < s->num_parts; ++i) {
-    s->storage[i].reset(new float[s->dk_size]);
-    s->part_dk[i] = s->storage[i].get();
+  std::vector<std::unique_ptr<float[]>> storage(parts);
+  std::vector<float*> part_dk(parts, out);
+  for (int64_t i = 1; i < parts; ++i) {
+    storage[i].reset(new float[dk_size]);
+    part_dk[i] = storage[i].get();
   }
-  // Helpers that start late (the pool busy with other work) find no part left and return;
-  // the caller never waits for a helper that has not started, so this cannot deadlock.
-  for (int64_t i = 1; i < s->num_parts; ++i) pool.Schedule([s] { Work(*s); });
-  Work(*s);
-  // Every part is claimed; wait for the workers still summing one.
-  while (s->active.load() > 0) std::this_thread::yield();
-  for (int64_t i = 1; i < s->num_parts; ++i) AddInto(out, s->part_dk[i], s->dk_size);
+  cellcount::ParallelFor(pool, parts, [&](int64_t part) {
+    std::memset(part_dk[part], 0, dk_size * sizeof(float));
+    const int64_t r_end = rows * (part + 1) / parts;
+    for (int64_t r0 = rows * part / parts; r0 < r_end; r0 += rows_per_chunk)
+      RowsDispatch(p, r0, std::min(r0 + rows_per_chunk, r_end), part_dk[part]);
+  });
+  for (int64_t i = 1; i < parts; ++i) AddInto(out, part_dk[i], dk_size);
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("conv kernel grad: built without the x86-64 kernel");
@@ -306,27 +277,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConvKernelGrad, KernelGradImpl,
                                   .Attr<int64_t>("px"));
 
 
-#if CC_HAVE_KERNEL
-struct FwdShared {
-  std::atomic<int64_t> next_chunk{0};
-  std::atomic<int> active{0};
-  ConvProblem p;
-  int64_t rows = 0, rows_per_chunk = 1, num_chunks = 0;
-  float* y = nullptr;
-};
-
-void FwdWork(FwdShared& s) {
-  s.active.fetch_add(1);
-  for (;;) {
-    const int64_t c = s.next_chunk.fetch_add(1);
-    if (c >= s.num_chunks) break;
-    const int64_t r0 = c * s.rows_per_chunk;
-    FwdDispatch(s.p, r0, std::min(r0 + s.rows_per_chunk, s.rows), s.y);
-  }
-  s.active.fetch_sub(1);
-}
-#endif
-
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> k,
                     ffi::ResultBuffer<ffi::F32> y, int64_t pz, int64_t py, int64_t px) {
 #if CC_HAVE_KERNEL
@@ -337,19 +287,17 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<
     return ffi::Error::InvalidArgument("conv: expects (n, z, y, x, c) x (z, y, x, in, out)");
   if (yd[4] % 16 != 0)
     return ffi::Error::InvalidArgument("conv: output channels must be a multiple of 16");
-  auto s = std::make_shared<FwdShared>();
-  s->p = ConvProblem{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
-                     kd[0], kd[1], kd[2], pz, py, px, in.typed_data(), k.typed_data()};
-  s->y = y->typed_data();
-  s->rows = yd[0] * yd[1] * yd[2];
+  const ConvProblem p{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
+                      kd[0], kd[1], kd[2], pz, py, px, in.typed_data(), k.typed_data()};
+  float* out = y->typed_data();
+  const int64_t rows = yd[0] * yd[1] * yd[2];
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  s->rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>((512 + yd[3] - 1) / yd[3],
-                                                             s->rows / (8 * workers)));
-  s->num_chunks = (s->rows + s->rows_per_chunk - 1) / s->rows_per_chunk;
-  const int64_t helpers = std::min<int64_t>(workers - 1, s->num_chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { FwdWork(*s); });
-  FwdWork(*s);
-  while (s->active.load() > 0) std::this_thread::yield();
+  const int64_t rows_per_chunk = std::max<int64_t>(
+      1, std::min<int64_t>((512 + yd[3] - 1) / yd[3], rows / (8 * workers)));
+  cellcount::ParallelFor(pool, (rows + rows_per_chunk - 1) / rows_per_chunk, [&](int64_t c) {
+    const int64_t r0 = c * rows_per_chunk;
+    FwdDispatch(p, r0, std::min(r0 + rows_per_chunk, rows), out);
+  });
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("conv: built without the x86-64 kernel");
