@@ -1,5 +1,6 @@
 // A convolution's bias, ReLU and instance norm in two reads of the array each way, as XLA FFI
 // calls (CPU):
+//
 //   forward:  z = max(y + b, 0);  m, v = mean and variance of z over the pixels of each
 //             (image, channel);  r = 1 / sqrt(v + eps);  out = (z - m) r scale + beta
 //   backward: with xhat = (z - m) r, S1 = sum g, S2 = sum g xhat (per image and channel),
