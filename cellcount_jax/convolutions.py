@@ -15,9 +15,10 @@ several formulations with the same float32 values.
   convolution with its bias, ReLU and instance norm is one custom VJP (`conv_relu_norm`),
   the bias + ReLU + norm in one pass each way by the native kernels (`native.relu_norm`;
   `relu_norm` alone after the upsampling). 2.5-7x faster training on CPU than 'xla'; see
-  docs/performance.md. In bfloat16 (`conv_bf16`) the 3x3(x3) convolutions round their
-  operands to bf16 and run on the CPU's bf16 units through oneDNN (float32 accumulation and
-  results); everything else stays float32.
+  docs/performance.md. In bfloat16 (`conv_bf16`, `conv_relu_norm`) the 3x3(x3) convolutions
+  round their operands to bf16 and run on the CPU's bf16 units through oneDNN (float32
+  accumulation and results); the first layer of each block gives the second its output, and
+  takes its gradient back, in bf16; everything else stays float32.
 - 'auto': 'cpu' on the CPU backend, 'xla' elsewhere (`resolve_impl`).
 
 The network reaches them through `conv_fn(impl, kernel_size, dtype)` (the `conv_general_dilated` of
@@ -285,8 +286,9 @@ def _bf16_kernel_grad(x, g, kernel_shape, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_bf16(x, kernel, padding):
     """Stride-1 2D or 3D convolution (NHWC x HWIO, NDHWC x DHWIO), `padding` ((lo, hi),) per
-    spatial axis, of x and kernel rounded to bfloat16, with float32 accumulation and a float32
-    result (forward, input gradient and kernel gradient alike): on the CPU's bf16 units through
+    spatial axis, of x and kernel rounded to bfloat16, with float32 accumulation (forward,
+    input gradient and kernel gradient alike), a float32 result, the input gradient in x's
+    dtype (written in bf16 directly where x is bf16): on the CPU's bf16 units through
     oneDNN (`native.conv_bf16`) where it has some, else XLA's convolution of the bf16
     operands. Only the bf16 copies of x and kernel are kept for the backward pass."""
     return _bf16_units_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), padding)
@@ -312,8 +314,9 @@ def _conv_bf16_grads(xb, kb, padding, g, dx_dtype):
 
 def _conv_bf16_bwd(padding, res, g):
     xb, kb, (x_like, k_like) = res
-    dx, dk = _conv_bf16_grads(xb, kb, padding, g, x_like.dtype)
-    return dx, dk.astype(k_like.dtype)
+    dx_dtype = x_like.dtype if x_like.dtype in _NATIVE_OUT else jnp.float32
+    dx, dk = _conv_bf16_grads(xb, kb, padding, g, dx_dtype)
+    return dx.astype(x_like.dtype), dk.astype(k_like.dtype)
 
 
 conv_bf16.defvjp(_conv_bf16_fwd, _conv_bf16_bwd)
@@ -328,6 +331,7 @@ def conv_bf16_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
 
 
 NORM_EPS = 1e-6  # the reference implementation's instance norm epsilon
+_NATIVE_OUT = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # what the native kernels write
 
 
 def _expand(v, ndim):
@@ -337,7 +341,7 @@ def _expand(v, ndim):
 
 def _relu_norm_jnp(y, b, scale, beta, out_dtype=jnp.float32):
     """(out, stats (n, 2, c) = mean and 1 / std) of max(y + b, 0) through flax's InstanceNorm
-    (fast variance), by jax.numpy in float32, out in out_dtype."""
+    (fast variance), by jax.numpy in y's dtype, out in out_dtype."""
     z = jax.nn.relu(y + b)
     axes = tuple(range(1, y.ndim - 1))
     mean = z.mean(axes)
@@ -398,16 +402,22 @@ def relu_norm(y, b, scale, beta, out_dtype=jnp.float32):
     and channel, eps NORM_EPS, then times scale plus beta; flax's `InstanceNorm`), in
     `out_dtype`; y (n, *spatial, c) float32. With the native kernels (`native.relu_norm`) one
     pass each way, the output written in out_dtype; else by jax.numpy."""
-    if not (native.relu_norm_available() and y.dtype == jnp.float32):
+    if not (native.relu_norm_available() and y.dtype == jnp.float32
+            and jnp.dtype(out_dtype) in _NATIVE_OUT):
         return _relu_norm_jnp(y, b, scale, beta, out_dtype)[0]
+    b, scale, beta = (v.astype(jnp.float32) for v in (b, scale, beta))
     return _bias_relu_norm(y, b, scale, beta, jnp.dtype(out_dtype))
 
 
 def _conv_cpu(x, kernel, padding):
-    """The float32 'cpu' convolution without its VJP: (y, its backward pass g -> (dx, dk))."""
-    if x.ndim == 4:
-        return conv2d.fun(x, kernel, padding), functools.partial(_conv2d_bwd, padding, None)
-    return conv3d_folded.fun(x, kernel, padding), functools.partial(_conv3d_folded_bwd, padding, None)
+    """The float32 'cpu' convolution (`conv2d`, `conv3d_folded`) without its VJP."""
+    return (conv2d if x.ndim == 4 else conv3d_folded).fun(x, kernel, padding)
+
+
+def _conv_cpu_grads(x, kernel, padding, g):
+    """(dx, dk) of `_conv_cpu` for the output gradient g."""
+    bwd = _conv2d_bwd if x.ndim == 4 else _conv3d_folded_bwd
+    return bwd(padding, None, (x, kernel), g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -421,7 +431,7 @@ def _conv_relu_norm_fwd(x, kernel, b, scale, beta, padding, bf16, out_dtype):
         x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
         y = _bf16_units_conv(x, kernel, padding)
     else:
-        y = _conv_cpu(x, kernel, padding)[0]
+        y = _conv_cpu(x, kernel, padding)
     out, stats = _relu_norm_fwd(y, b, scale, beta, out_dtype)
     return out, (x, kernel, y, b, scale, stats, x_like)
 
@@ -432,7 +442,7 @@ def _conv_relu_norm_bwd(padding, bf16, out_dtype, res, g):
     if bf16:
         dx, dk = _conv_bf16_grads(x, kernel, padding, dy, x_like.dtype)
     else:
-        dx, dk = _conv_cpu(x, kernel, padding)[1]((x, kernel), dy)
+        dx, dk = _conv_cpu_grads(x, kernel, padding, dy)
     return (dx, dk) + grads
 
 
@@ -451,9 +461,13 @@ def conv_relu_norm(x, kernel, b, scale, beta, dtype=jnp.float32, out_dtype=jnp.f
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
     if not bf16:  # as nn.Conv: the operands in the compute dtype
         x, kernel, b = x.astype(dtype), kernel.astype(dtype), b.astype(dtype)
-    if not (native.relu_norm_available() and (bf16 or jnp.dtype(dtype) == jnp.float32)):
+    if not (native.relu_norm_available() and (bf16 or jnp.dtype(dtype) == jnp.float32)
+            and jnp.dtype(out_dtype) in _NATIVE_OUT):
         y = conv_fn("cpu", kernel.shape[:nd], dtype)(x, kernel, (1,) * nd, padding)
         return _relu_norm_jnp(y, b, scale, beta, out_dtype)[0]
+    # float32 operands inside the custom VJP (astype's own VJP gives the gradients the
+    # parameters' dtypes).
+    kernel, b, scale, beta = (v.astype(jnp.float32) for v in (kernel, b, scale, beta))
     return _conv_relu_norm(x, kernel, b, scale, beta, padding, bf16, jnp.dtype(out_dtype))
 
 

@@ -7,7 +7,7 @@ XLA:CPU runs the kernel gradient at a fifth of the matmul peak, and 3D convoluti
 32-64-channel ones at full resolution well below it. The library
 is compiled when the package is installed (`setup.py`, optional: an install without a C++
 compiler still works) and is used only where it can run: the CPU backend, an x86-64 CPU with
-AVX-512, float32 operands, output channels a multiple of 16. Everywhere else `available`
+AVX-512 (F and BW), float32 operands, output channels a multiple of 16. Everywhere else `available`
 says no and the model keeps its XLA formulation. `CELLCOUNT_JAX_NATIVE=0` switches it off.
 
 `relu_norm` and `relu_norm_grad` (`csrc/norm.cc`): a convolution's bias, ReLU and instance

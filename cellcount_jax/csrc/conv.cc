@@ -317,7 +317,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConv, ConvImpl,
 extern "C" int cc_native_supported() {
 #if CC_HAVE_KERNEL
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+  // avx512bw: the bfloat16 loads and stores of norm.cc.
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
 #else
   return 0;
 #endif

@@ -243,7 +243,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
                        float eps) {
   Problem p;
   if (auto e = Make(y, b, scale, "relu norm", &p); e.failure()) return e;
-  if (out->element_count() != y.element_count() || stats->element_count() != 2 * p.n * p.c)
+  if (beta.element_count() != p.c || out->element_count() != y.element_count() ||
+      stats->element_count() != 2 * p.n * p.c)
     return ffi::Error::InvalidArgument("relu norm: output shapes do not agree");
   if (IsF32(*out))
     Forward(pool, p, beta.typed_data(), eps, out->typed_data<float>(), stats->typed_data());
