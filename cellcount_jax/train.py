@@ -27,15 +27,18 @@ AXIS = "batch"
 
 
 def compute_dtype(config) -> str:
-    """config.model.dtype resolved: 'float32' or 'bfloat16'; 'auto' is bfloat16 where the CPU
-    formulation runs on a CPU with bf16 units (`native.bf16_units`), else float32."""
+    """config.model.dtype resolved: 'float32' or 'bfloat16'. 'auto' is bfloat16 for 2D
+    models where the CPU formulation runs on a CPU with bf16 units (`native.bf16_units`),
+    else float32: 3D models trained in bfloat16 lost F1 on the synthetic 3D recipe (README,
+    Performance), 2D ones did not."""
     name = config.model.dtype
     if name not in ("float32", "bfloat16", "auto"):
         raise InputError(f"config.model.dtype must be 'float32', 'bfloat16' or 'auto', "
                          f"got {name!r}")
     if name == "auto":
         cpu = convolutions.resolve_impl(config.model.get("impl", "auto")) == "cpu"
-        name = "bfloat16" if cpu and native.bf16_available() else "float32"
+        two_d = config.data.get("ndim", 2) == 2
+        name = "bfloat16" if two_d and cpu and native.bf16_available() else "float32"
     return name
 
 

@@ -22,9 +22,10 @@ def get_config(arg: str = ""):
     c.model = ml_collections.ConfigDict()
     c.model.features = 16           # 32 in the paper; 16 keeps the CPU quickstart short
     c.model.dropout = 0.3           # attention dropout while training
-    c.model.dtype = "auto"          # bfloat16 convolutions on a CPU with bf16 units (AMX-BF16,
-                                    # AVX512-BF16), else float32; 'float32' or 'bfloat16' to fix
-                                    # it (bfloat16: float32 params, optimizer, norms and loss)
+    c.model.dtype = "auto"          # 2D: bfloat16 convolutions on a CPU with bf16 units
+                                    # (AMX-BF16, AVX512-BF16), else float32; 3D: float32;
+                                    # 'float32' or 'bfloat16' to fix it (bfloat16: float32
+                                    # params, optimizer, norms and loss)
     c.model.impl = "auto"           # convolution formulation: 'cpu' on CPU, 'xla' on GPU/TPU
 
     c.data = ml_collections.ConfigDict()

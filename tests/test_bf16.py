@@ -272,13 +272,18 @@ print("fallback ok")
     assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_auto_dtype_is_bfloat16_exactly_where_the_cpu_has_bf16_units():
-    from configs import quickstart
+def test_auto_dtype_is_bfloat16_exactly_for_2d_models_where_the_cpu_has_bf16_units():
+    from configs import quickstart, synthetic3d
     from cellcount_jax import train
+    c3 = synthetic3d.get_config()
+    assert c3.model.dtype == "auto" and train.compute_dtype(c3) == "float32"
     c = quickstart.get_config()
     c.model.dtype = "auto"
     c.model.impl = "cpu"
     assert train.compute_dtype(c) == ("bfloat16" if native.bf16_available() else "float32")
+    c.data.ndim = 3
+    assert train.compute_dtype(c) == "float32"
+    c.data.ndim = 2
     c.model.impl = "xla"  # the formulation for accelerators keeps float32 by default
     assert train.compute_dtype(c) == "float32"
     c.model.dtype = "float16"
