@@ -4,6 +4,7 @@
     python benchmarks/run.py --only=train,targets --quick
     python benchmarks/run.py --quick --impls=xla,cpu   # native XLA vs the CPU formulation
     python benchmarks/run.py --only=train,torch --dtypes=float32,bfloat16   # + PyTorch --amp
+    python benchmarks/run.py --only=convs --cases=2d_128 --dtypes=bfloat16   # per conv layer
 
 Measures, after compilation (compile time reported separately) and with
 `block_until_ready`: the SSL and supervised train steps, inference, the target generator
@@ -223,22 +224,40 @@ def conv_layers(spatial, batch, channels, features=32):
 def bench_convs(name, spatial, batch, dtype, steps, warmup):
     """Forward + input and kernel gradients of every 3x3(x3) convolution of SAU-Net (f = 32)
     by the CPU formulation (in bfloat16: `conv_bf16`, float32 operands and results, as in
-    the network), one layer at a time: the share of the step they take."""
+    the network), one layer at a time: the share of the step they take; and, when torch is
+    importable, PyTorch's time for the same layers (`torch_convs.py`, in a child process as
+    the peer; in bfloat16 under autocast), per layer."""
     if dtype == "bfloat16":
         conv = convolutions.conv_bf16
     else:
         conv = convolutions.conv2d if len(spatial) == 2 else convolutions.conv3d_folded
     pads = ((1, 1),) * len(spatial)
     rng = np.random.default_rng(0)
-    total = 0.0
-    for shape, kshape in conv_layers(spatial, batch, 3 if len(spatial) == 2 else 1):
+    layers = conv_layers(spatial, batch, 3 if len(spatial) == 2 else 1)
+    secs = []
+    for shape, kshape in layers:
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         k = jnp.asarray(rng.normal(size=kshape) * 0.1, jnp.float32)
         grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, pads) ** 2), (0, 1)))
-        total += timed(lambda: grad(x, k), (), steps, warmup)
-    emit({"name": f"convs_{name}", **device_info(), "dtype": dtype,
-          "bf16_units": native.bf16_units() if dtype == "bfloat16" else None,
-          "spatial": list(spatial), "batch": batch, "layers_s": round(total, 4)})
+        secs.append(timed(lambda: grad(x, k), (), steps, warmup))
+    rec = {"name": f"convs_{name}", **device_info(), "dtype": dtype,
+           "bf16_units": native.bf16_units() if dtype == "bfloat16" else None,
+           "spatial": list(spatial), "batch": batch, "layers_s": round(sum(secs), 4),
+           "layer_s": [round(t, 5) for t in secs]}
+    if importlib.util.find_spec("torch") is not None:
+        args = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_convs.py"),
+                json.dumps(layers), "--steps", str(steps), "--warmup", str(warmup)]
+        run = subprocess.run(args + (["--amp"] if dtype == "bfloat16" else []),
+                             capture_output=True, text=True)
+        if run.returncode == 0:
+            peer = json.loads(run.stdout.strip().splitlines()[-1])
+            rec.update(torch=peer["torch"], torch_threads=peer["threads"],
+                       torch_layers_s=round(sum(peer["layer_s"]), 4),
+                       torch_layer_s=peer["layer_s"],
+                       ratio_jax_over_torch=round(sum(peer["layer_s"]) / sum(secs), 3))
+        else:
+            rec["torch_skipped"] = run.stderr.strip()[-500:]
+    emit(rec)
 
 
 def bench_infer(name, spatial, batch, steps, warmup, impl):
