@@ -4,6 +4,7 @@
     python benchmarks/run.py --only=train,targets --quick
     python benchmarks/run.py --quick --impls=xla,cpu   # native XLA vs the CPU formulation
     python benchmarks/run.py --only=train,torch --dtypes=float32,bfloat16   # + PyTorch --amp
+    python benchmarks/run.py --only=train,torch --modes=supervised   # no SSL step
     python benchmarks/run.py --only=convs --cases=2d_128 --dtypes=bfloat16   # per conv layer
 
 Measures, after compilation (compile time reported separately) and with
@@ -398,12 +399,16 @@ def main():
     p.add_argument("--quick", action="store_true", help="small cases only, fewer steps")
     p.add_argument("--impls", default="auto",
                    help="comma-separated model impls to time (auto, xla, cpu), e.g. xla,cpu")
+    p.add_argument("--modes", default="ssl,supervised",
+                   help="comma-separated train steps to time (ssl, supervised); the peer's "
+                        "ratio is against the supervised step")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated compute dtypes of the train steps (float32, bfloat16); "
                         "the peer runs with --amp for bfloat16")
     a = p.parse_args()
     impls = a.impls.split(",")
     only = set(a.only.split(","))
+    modes = set(a.modes.split(","))
     steps, warmup = (2, 1) if a.quick else (5, 2)
     peak = matmul_peak()
     cases = [c for c in TRAIN_CASES if not a.cases or c[0] in a.cases.split(",")]
@@ -417,8 +422,10 @@ def main():
         for dtype in a.dtypes.split(","):
             rec = None
             for impl in impls if "train" in only else ():
-                bench_train(name, spatial, batch, True, s, w, peak, impl, dtype=dtype)
-                rec = bench_train(name, spatial, batch, False, s, w, peak, impl, dtype=dtype)
+                if "ssl" in modes:
+                    bench_train(name, spatial, batch, True, s, w, peak, impl, dtype=dtype)
+                if "supervised" in modes:
+                    rec = bench_train(name, spatial, batch, False, s, w, peak, impl, dtype=dtype)
             if "torch" in only and name in ("2d_128", "3d_32x64x64"):
                 # ratio against the last impl timed
                 bench_torch(spatial, batch, s, w, rec, amp=dtype == "bfloat16")
