@@ -62,3 +62,32 @@ def test_switched_off_by_the_environment():
                           "print(b.install(), b.stats())"], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "False {'installed': False}"
+
+
+def _non_pie_system_python():
+    """This Python version's /usr/bin interpreter where it is a non-PIE executable (Debian's and
+    Ubuntu's are), else None."""
+    exe = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    try:
+        with open(exe, "rb") as f:
+            head = f.read(18)
+    except OSError:
+        return None
+    return exe if head[:4] == b"\x7fELF" and int.from_bytes(head[16:18], "little") == 2 else None
+
+
+@pytest.mark.skipif(_non_pie_system_python() is None,
+                    reason="no non-PIE system interpreter of this Python version")
+def test_in_place_under_a_non_pie_interpreter():
+    # Such an interpreter takes free's address: dlsym gives a stub in its PLT, while jaxlib's
+    # call slots hold libc's free. The cache must still go in (and serve the blocks).
+    import site
+    test = os.path.abspath(__file__)
+    code = ("import site, sys\n"
+            f"for d in {site.getsitepackages()!r}: site.addsitedir(d)\n"
+            f"sys.path.insert(0, {os.path.dirname(os.path.dirname(test))!r})\n"
+            "import pytest\n"
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {test!r}, '-k', "
+            "'temporaries_reused']))")
+    run = subprocess.run([_non_pie_system_python(), "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

@@ -147,6 +147,38 @@ static int write_word(void** where, void* value, const ElfW(Addr) relro[2]) {
   return 0;
 }
 
+// A non-PIE executable that takes the address of one of the two functions (Debian's and
+// Ubuntu's python3 do, for free) makes a stub in its own PLT the function's address for the whole
+// process: dlsym returns the stub, while the libraries' call slots hold libc's function itself.
+// Both are the same function: `alias` holds libc's where the process's lies in the main program.
+static void* alias[2];  // posix_memalign, free
+
+static int main_program_range(struct dl_phdr_info* info, size_t size, void* data) {
+  (void)size;
+  uintptr_t* range = data;  // the main program is the first object reported
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr)* ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD) continue;
+    uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
+    if (lo < range[0]) range[0] = lo;
+    if (hi > range[1]) range[1] = hi;
+  }
+  return 1;
+}
+
+static void find_aliases(void) {
+  uintptr_t range[2] = {UINTPTR_MAX, 0};
+  dl_iterate_phdr(main_program_range, range);
+  void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
+  if (!libc) return;
+  const char* names[2] = {"posix_memalign", "free"};
+  void* process[2] = {(void*)real_memalign, (void*)real_free};
+  for (int i = 0; i < 2; i++)
+    if ((uintptr_t)process[i] >= range[0] && (uintptr_t)process[i] < range[1])
+      alias[i] = dlsym(libc, names[i]);
+  dlclose(libc);
+}
+
 typedef struct {
   const char* path_part;
   int patched, failed;
@@ -204,9 +236,10 @@ static int patch_library(struct dl_phdr_info* info, size_t size, void* data) {
       void** where = (void**)(base + r->r_offset);
       // Bound slots hold the process's function; a lazy slot still points into the library's
       // PLT. Anything else was rewritten by someone else: leave it.
-      void* real = hook == (void*)cache_free ? (void*)real_free : (void*)real_memalign;
+      int k = hook == (void*)cache_free;
+      void* real = k ? (void*)real_free : (void*)real_memalign;
       int lazy = type == R_SLOT && (uintptr_t)*where >= base && (uintptr_t)*where < end;
-      if (*where != real && !lazy) {
+      if (*where != real && !(alias[k] && *where == alias[k]) && !lazy) {
         s->failed++;
         continue;
       }
@@ -233,6 +266,7 @@ int cc_blocks_install(const char* path_part, size_t min_block_bytes, size_t max_
   if (!real_memalign || !real_free) return 0;
   min_bytes = min_block_bytes;
   max_idle = max_idle_bytes;
+  find_aliases();
   Search s = {path_part, 0, 0};
   dl_iterate_phdr(patch_library, &s);
   installed = s.failed ? -1 : s.patched;
