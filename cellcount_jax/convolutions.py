@@ -330,6 +330,20 @@ def conv_bf16_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
     return conv_bf16(lhs, rhs, pads)
 
 
+def dot_bf16(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` for `nn.Dense(dot_general=...)`: channels-last features (n, *spatial,
+    in), 2D or 3D, times a matrix (in, out) as a 1x1(x1) `conv_bf16` (bfloat16 operands,
+    float32 sums and result, on the CPU's bf16 units). Other contractions take
+    `lax.dot_general`."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if (lhs.ndim in (4, 5) and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,)
+            and tuple(rc) == (0,) and not lb and not rb):
+        nd = lhs.ndim - 2
+        return conv_bf16(lhs, rhs.reshape((1,) * nd + rhs.shape), ((0, 0),) * nd)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
 NORM_EPS = 1e-6  # the reference implementation's instance norm epsilon
 _NATIVE_OUT = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # what the native kernels write
 
@@ -505,36 +519,51 @@ def max_pool2(x, impl):
     return x.reshape(split).max(axis=tuple(range(2, 2 + 2 * nd, 2)))
 
 
-def upsample2(x, kernel, impl):
+def upsample2(x, kernel, impl, dtype=None):
     """2x upsampling by a 2x2(x2) stride-2 transposed convolution, as
     `nn.ConvTranspose(features, (2,)*ndim, strides 2, 'VALID')` without its bias: x
     (n, *spatial, in), kernel (2,)*ndim + (in, out). On the 'cpu' path one matrix product per
-    pixel, out[2i + a] = x[i] @ kernel[1 - a], then depth-to-space."""
+    pixel, out[2i + a] = x[i] @ kernel[1 - a], then depth-to-space; with dtype bfloat16 the
+    products are a 1x1(x1) `conv_bf16` (the CPU's bf16 units, float32 result)."""
     nd = x.ndim - 2
     if resolve_impl(impl) == "xla":
         dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
                                         ("NHWC", "HWIO", "NHWC") if nd == 2
                                         else ("NDHWC", "DHWIO", "NDHWC"))
         return lax.conv_transpose(x, kernel, (2,) * nd, "VALID", dimension_numbers=dn)
+    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        w = _tap_matrix(kernel)
+        y = conv_bf16(x, w.reshape((1,) * nd + w.shape), ((0, 0),) * nd)
+        return _depth_to_space(y, kernel.shape[-1])
     return _upsample2_cpu(x, kernel)
+
+
+def _tap_matrix(kernel):
+    """(in, taps * out) of a (2,)*nd + (in, out) kernel, taps in flipped order, so that tap
+    index a reads kernel[1 - a]."""
+    nd = kernel.ndim - 2
+    w = jnp.flip(kernel, tuple(range(nd))).reshape((-1,) + kernel.shape[-2:])
+    return jnp.moveaxis(w, 0, 1).reshape(kernel.shape[-2], -1)
+
+
+def _depth_to_space(y, features):
+    """(n, *spatial, taps * features) -> (n, *(2 * spatial), features), tap a of pixel i at
+    2i + a."""
+    nd = y.ndim - 2
+    y = y.reshape(y.shape[:-1] + (2,) * nd + (features,))
+    # (n, s1, .., snd, a1, .., and, f) -> (n, s1, a1, .., snd, and, f)
+    perm = [0] + [p for i in range(nd) for p in (1 + i, 1 + nd + i)] + [1 + 2 * nd]
+    return y.transpose(perm).reshape((y.shape[0],) + tuple(2 * s for s in y.shape[1:1 + nd])
+                                     + (features,))
 
 
 @jax.custom_vjp
 def _upsample2_cpu(x, kernel):
-    """`upsample2` on the 'cpu' path. Its backward pass: dx[i] = sum_a g[2i + a] kernel[1 -
-    a]^T, a stride-2 convolution of g, and dk[1 - a] = sum_i x[i]^T g[2i + a], one
+    """`upsample2` on the 'cpu' path in float32. Its backward pass: dx[i] = sum_a g[2i + a]
+    kernel[1 - a]^T, a stride-2 convolution of g, and dk[1 - a] = sum_i x[i]^T g[2i + a], one
     contraction per tap over a strided view of g; 2-3x faster on XLA:CPU than the transpose
     of the depth-to-space and the matrix products that autodiff gives."""
-    nd = x.ndim - 2
-    features = kernel.shape[-1]
-    # (in, taps * out) with taps in flipped order, so tap index a reads kernel[1 - a].
-    w = jnp.flip(kernel, tuple(range(nd))).reshape(-1, x.shape[-1], features)
-    w = jnp.moveaxis(w, 0, 1).reshape(x.shape[-1], -1)
-    y = (x @ w).reshape(x.shape[:-1] + (2,) * nd + (features,))
-    # (n, s1, .., snd, a1, .., and, f) -> (n, s1, a1, .., snd, and, f)
-    perm = [0] + [p for i in range(nd) for p in (1 + i, 1 + nd + i)] + [1 + 2 * nd]
-    return y.transpose(perm).reshape((x.shape[0],) + tuple(2 * s for s in x.shape[1:-1])
-                                     + (features,))
+    return _depth_to_space(x @ _tap_matrix(kernel), kernel.shape[-1])
 
 
 def _upsample2_cpu_bwd(res, g):

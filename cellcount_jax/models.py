@@ -9,7 +9,8 @@ that a train step can perturb encoder features between them (the paper's student
 
 `impl` ('auto' | 'xla' | 'cpu') picks how convolutions, pooling and upsampling are computed
 (`convolutions`); the parameters and the float32 values do not depend on it (in bfloat16,
-'cpu' rounds only the 3x3(x3) convolutions' operands, 'xla' the whole network).
+'cpu' rounds only the operands of the convolutions, the upsampling's products and the
+attention's projections, 'xla' the whole network).
 """
 from typing import Any, Sequence
 
@@ -63,6 +64,12 @@ def check_spatial(shape: Sequence[int], ndim: int, multiple: int = 2 ** (LEVELS 
 
 
 
+def _cpu_bf16(impl, dtype) -> bool:
+    """Whether `impl` runs the CPU formulation with `dtype` bfloat16."""
+    return (dtype is not None and convolutions.resolve_impl(impl) == "cpu"
+            and jnp.dtype(dtype) == jnp.bfloat16)
+
+
 def _conv(features, kernel, impl, dtype, conv_dtype=None, name=None):
     """nn.Conv, 'SAME', computing in `dtype`, with the convolution of `impl` in `conv_dtype`
     (default `dtype`)."""
@@ -72,10 +79,12 @@ def _conv(features, kernel, impl, dtype, conv_dtype=None, name=None):
 
 class UpConv(nn.Module):
     """2x upsampling: nn.ConvTranspose(features, (2,)*ndim, strides 2, 'VALID'), same
-    parameters ('kernel' (2,)*ndim + (in, out), 'bias') and values (`convolutions.upsample2`)."""
+    parameters ('kernel' (2,)*ndim + (in, out), 'bias') and values (`convolutions.upsample2`;
+    its products in `conv_dtype` on the 'cpu' path)."""
     features: int
     impl: str = "xla"
     dtype: Any = jnp.float32
+    conv_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, add_bias: bool = True):
@@ -85,7 +94,7 @@ class UpConv(nn.Module):
                             (2,) * nd + (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = convolutions.upsample2(x, kernel, self.impl)
+        y = convolutions.upsample2(x, kernel, self.impl, self.conv_dtype)
         return y + bias if add_bias else (y, bias)
 
 class Block(nn.Module):
@@ -115,16 +124,19 @@ class Block(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Non-local block at full width, no 1/sqrt(d) scaling, residual output t + x."""
+    """Non-local block at full width, no 1/sqrt(d) scaling, residual output t + x.
+    dense_bf16: the four projections on the CPU's bf16 units (`convolutions.dot_bf16`)."""
     dropout: float = 0.3
     dtype: Any = jnp.float32
+    dense_bf16: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         b, c = x.shape[0], x.shape[-1]
         ndim = x.ndim - 2
         flat = lambda t: t.reshape(b, -1, c)
-        dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, name=name, **kw)
+        dot = convolutions.dot_bf16 if self.dense_bf16 else None
+        dense = lambda name, **kw: nn.Dense(c, dtype=self.dtype, dot_general=dot, name=name, **kw)
         theta = flat(dense("theta")(x))
         phi = flat(dense("phi")(x))
         g = flat(dense("g")(x))
@@ -156,7 +168,8 @@ class Encoder(nn.Module):
             x = convolutions.max_pool2(x, self.impl)
         x = Block(self.features * 2 ** (LEVELS - 1), self.dtype, self.impl, self.conv_dtype,
                   name="bottom")(x)
-        x = SelfAttention(self.dropout, self.dtype, name="attention")(x, train)
+        x = SelfAttention(self.dropout, self.dtype, _cpu_bf16(self.impl, self.conv_dtype),
+                          name="attention")(x, train)
         return tuple(skips) + (x,)
 
 
@@ -172,7 +185,9 @@ class Decoder(nn.Module):
         ndim = x.ndim - 2
         for level in reversed(range(LEVELS - 1)):
             f = self.features * 2 ** level
-            up = UpConv(f, self.impl, self.dtype, name=f"up{level}")
+            up = UpConv(f, self.impl, self.dtype,
+                        self.conv_dtype if _cpu_bf16(self.impl, self.conv_dtype) else None,
+                        name=f"up{level}")
             if convolutions.resolve_impl(self.impl) == "cpu":
                 y, bias = up(x, add_bias=False)
                 scale, beta = NormParams(name=f"up_norm{level}")(f)
@@ -191,10 +206,12 @@ class SAUNet(nn.Module):
     `__call__(x, train)`: x (batch, [z,] y, x, channels) -> density (batch, [z,] y, x), >= 0.
     Spatial sizes must be multiples of 8. dtype: the compute dtype (e.g. bfloat16 on
     accelerators); parameters stay float32, norms and softmax compute in float32, the
-    density comes back as float32. On the 'cpu' path bfloat16 applies to the 3x3(x3)
-    convolutions only (the CPU's bf16 units, `convolutions.conv_relu_norm`: their operands,
-    and the gradients they take and give back, in bf16) and the rest computes in float32, as
-    XLA:CPU runs its other bf16 operations in float32 with extra conversions.
+    density comes back as float32. On the 'cpu' path bfloat16 applies to the matrix products
+    that run on the CPU's bf16 units: the 3x3(x3) convolutions (`convolutions.conv_relu_norm`:
+    their operands, and the gradients they take and give back, in bf16), the upsampling's
+    products and the attention's four projections (`convolutions.conv_bf16`, 1x1(x1)); the
+    rest computes in float32, as XLA:CPU runs its other bf16 operations in float32 with extra
+    conversions.
     impl: 'xla' | 'cpu' | 'auto', see the module docstring; parameters do not depend on it.
     """
     features: int = 32
@@ -203,9 +220,7 @@ class SAUNet(nn.Module):
     impl: str = "xla"
 
     def setup(self):
-        cpu_bf16 = (convolutions.resolve_impl(self.impl) == "cpu"
-                    and jnp.dtype(self.dtype) == jnp.bfloat16)
-        dtype = jnp.float32 if cpu_bf16 else self.dtype
+        dtype = jnp.float32 if _cpu_bf16(self.impl, self.dtype) else self.dtype
         self.encoder = Encoder(self.features, self.dropout, dtype, self.impl, self.dtype)
         self.decoder = Decoder(self.features, dtype, self.impl, self.dtype)
 

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as flax_nn
 import pytest
 from jax import lax
 
@@ -129,6 +130,48 @@ def test_every_layer_s_gradients_match_float32_jax_grad(ndim):
         assert dx.dtype == dk.dtype == jnp.float32
         assert _rel(y, y_ref) < 1e-2 and _rel(dx, rx) < 1e-2 and _rel(dk, rk) < 1e-2, (shape, kshape)
         assert "cellcount_dnnl" in jax.jit(jax.grad(loss16, (0, 1))).lower(x, k).as_text()
+
+
+@needs_units
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_upsampling_and_attention_projections_match_float32_jax_grad(ndim):
+    """The products that bfloat16 puts on the bf16 units besides the 3x3(x3) convolutions:
+    every upsampling of SAU-Net (f = 32) against XLA's float32 transposed convolution, and
+    the attention's projections (`nn.Dense` with `dot_bf16`) against float32 `nn.Dense`:
+    output and input and kernel gradients within bf16 tolerance (1e-2), through oneDNN."""
+    rng = np.random.default_rng(3)
+    spatial = (8, 16, 16) if ndim == 3 else (32, 32)
+    dn = ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    for level in range(models.LEVELS - 1):
+        cin, f = 64 * 2 ** level, 32 * 2 ** level
+        s = tuple(v // 2 ** level for v in spatial)
+        x = rng.normal(size=(2, *s, cin)).astype(np.float32)
+        k = (rng.normal(size=(2,) * ndim + (cin, f)) / np.sqrt(cin)).astype(np.float32)
+        w = rng.normal(size=(2, *(2 * v for v in s), f)).astype(np.float32)
+        up16 = lambda x, k: jnp.sum(convolutions.upsample2(x, k, "cpu", jnp.bfloat16) * w)  # noqa: E731
+        up32 = lambda x, k: jnp.sum(lax.conv_transpose(  # noqa: E731
+            x, k, (2,) * ndim, "VALID", dimension_numbers=dn,
+            precision=lax.Precision.HIGHEST) * w)
+        (v16, g16), (v32, g32) = (jax.jit(jax.value_and_grad(fn, (0, 1)))(x, k)
+                                  for fn in (up16, up32))
+        errs = [_rel(v16, v32)] + [_rel(a, b) for a, b in zip(g16, g32)]
+        assert max(errs) < 1e-2, (level, errs)
+        assert "cellcount_dnnl" in jax.jit(jax.grad(up16, (0, 1))).lower(x, k).as_text()
+
+    c = 256
+    x = rng.normal(size=(2, *(v // 8 for v in spatial), c)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    dense16 = flax_nn.Dense(c, dot_general=convolutions.dot_bf16)
+    dense32 = flax_nn.Dense(c, precision=lax.Precision.HIGHEST)
+    params = dense32.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    loss = lambda net: lambda p, x: jnp.sum(net.apply(p, x) * w)  # noqa: E731
+    (v16, (p16, x16)), (v32, (p32, x32)) = (jax.jit(jax.value_and_grad(loss(net), (0, 1)))(params, x)
+                                            for net in (dense16, dense32))
+    errs = ([_rel(v16, v32), _rel(x16, x32)]
+            + [_rel(a, b) for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32))])
+    assert max(errs) < 1e-2, errs
+    assert "cellcount_dnnl" in jax.jit(jax.grad(loss(dense16))).lower(params, x).as_text()
 
 
 @needs_units
