@@ -185,9 +185,7 @@ class Decoder(nn.Module):
         ndim = x.ndim - 2
         for level in reversed(range(LEVELS - 1)):
             f = self.features * 2 ** level
-            up = UpConv(f, self.impl, self.dtype,
-                        self.conv_dtype if _cpu_bf16(self.impl, self.conv_dtype) else None,
-                        name=f"up{level}")
+            up = UpConv(f, self.impl, self.dtype, self.conv_dtype, name=f"up{level}")
             if convolutions.resolve_impl(self.impl) == "cpu":
                 y, bias = up(x, add_bias=False)
                 scale, beta = NormParams(name=f"up_norm{level}")(f)
