@@ -29,13 +29,16 @@ def _program(n):
 def test_temporaries_reused_with_the_same_results():
     fn, x, expect, temp = _program(1 << 23)
     assert temp >= 2 * block_cache.MIN_BYTES
-    for _ in range(3):  # the blocks (temporaries, input, output) are mapped here
-        np.testing.assert_array_equal(fn(x), expect)
+    x = jax.device_put(x)
+    for _ in range(3):  # the blocks (temporaries, the outputs held in turn) are mapped here
+        out = fn(x)
+        np.testing.assert_array_equal(out, expect)
     before, faults = block_cache.stats(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        np.testing.assert_array_equal(fn(x), expect)
+    for _ in range(5):  # XLA's runs alone (numpy's own temporaries fault in as the allocator likes)
+        out = fn(x).block_until_ready()
     after = block_cache.stats()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5
+    np.testing.assert_array_equal(out, expect)
     assert after["hits"] - before["hits"] >= 5
     # Mapped afresh, the block would fault in temp / 4096 pages at every run.
     assert faults < temp / 4096 / 4, (faults, temp / 4096)
@@ -76,11 +79,9 @@ def _non_pie_system_python():
     return exe if head[:4] == b"\x7fELF" and int.from_bytes(head[16:18], "little") == 2 else None
 
 
-@pytest.mark.skipif(_non_pie_system_python() is None,
-                    reason="no non-PIE system interpreter of this Python version")
-def test_in_place_under_a_non_pie_interpreter():
-    # Such an interpreter takes free's address: dlsym gives a stub in its PLT, while jaxlib's
-    # call slots hold libc's free. The cache must still go in (and serve the blocks).
+def _reuse_test_passes(interpreter, env=None):
+    """Runs `test_temporaries_reused_with_the_same_results` under another interpreter (with this
+    one's packages) or environment; asserts that it passed, not skipped."""
     import site
     test = os.path.abspath(__file__)
     code = ("import site, sys\n"
@@ -89,5 +90,32 @@ def test_in_place_under_a_non_pie_interpreter():
             "import pytest\n"
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {test!r}, '-k', "
             "'temporaries_reused']))")
-    run = subprocess.run([_non_pie_system_python(), "-c", code], capture_output=True, text=True)
+    run = subprocess.run([interpreter, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, **(env or {})))
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(_non_pie_system_python() is None,
+                    reason="no non-PIE system interpreter of this Python version")
+def test_in_place_under_a_non_pie_interpreter():
+    # Such an interpreter takes free's address: dlsym gives a stub in its PLT, while jaxlib's
+    # call slots hold libc's free. The cache must still go in (and serve the blocks).
+    _reuse_test_passes(_non_pie_system_python())
+
+
+def _preloadable(name):
+    """The soname of the library `name` (e.g. 'jemalloc') where the dynamic linker finds it, else
+    None (not loaded here)."""
+    import ctypes.util
+    return ctypes.util.find_library(name)
+
+
+@pytest.mark.parametrize("interpreter", ["this", "non-PIE system"])
+@pytest.mark.parametrize("allocator", ["tcmalloc_minimal", "jemalloc"])
+def test_in_place_with_a_preloaded_allocator(allocator, interpreter):
+    # With tcmalloc or jemalloc preloaded, both functions are the allocator's; under a non-PIE
+    # interpreter the process's free is a stub leading to the allocator's, not to libc's.
+    exe = sys.executable if interpreter == "this" else _non_pie_system_python()
+    if exe is None or _preloadable(allocator) is None:
+        pytest.skip(f"no lib{allocator}" if exe else "no non-PIE system interpreter")
+    _reuse_test_passes(exe, {"LD_PRELOAD": _preloadable(allocator)})

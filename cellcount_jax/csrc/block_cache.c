@@ -149,34 +149,56 @@ static int write_word(void** where, void* value, const ElfW(Addr) relro[2]) {
 
 // A non-PIE executable that takes the address of one of the two functions (Debian's and
 // Ubuntu's python3 do, for free) makes a stub in its own PLT the function's address for the whole
-// process: dlsym returns the stub, while the libraries' call slots hold libc's function itself.
-// Both are the same function: `alias` holds libc's where the process's lies in the main program.
+// process: dlsym returns the stub, while the libraries' call slots hold the function itself (libc's,
+// or a preloaded allocator's). Both are the same function: where the process's lies in the main
+// program, `alias` holds the definition the stub leads to, the first among the other loaded
+// objects in load order (the order in which the dynamic linker resolves symbols).
 static void* alias[2];  // posix_memalign, free
 
-static int main_program_range(struct dl_phdr_info* info, size_t size, void* data) {
+#define OBJECTS 1024
+
+typedef struct {
+  int n;
+  const char* name[OBJECTS];
+  uintptr_t lo[OBJECTS], hi[OBJECTS];  // the span of the object's loaded segments
+} Objects;
+
+static int list_object(struct dl_phdr_info* info, size_t size, void* data) {
   (void)size;
-  uintptr_t* range = data;  // the main program is the first object reported
+  Objects* o = data;
+  if (o->n == OBJECTS) return 1;
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
   for (int i = 0; i < info->dlpi_phnum; i++) {
     const ElfW(Phdr)* ph = &info->dlpi_phdr[i];
     if (ph->p_type != PT_LOAD) continue;
-    uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
-    if (lo < range[0]) range[0] = lo;
-    if (hi > range[1]) range[1] = hi;
+    uintptr_t a = info->dlpi_addr + ph->p_vaddr;
+    if (a < lo) lo = a;
+    if (a + ph->p_memsz > hi) hi = a + ph->p_memsz;
   }
-  return 1;
+  o->name[o->n] = info->dlpi_name;
+  o->lo[o->n] = lo;
+  o->hi[o->n++] = hi;
+  return 0;
 }
 
 static void find_aliases(void) {
-  uintptr_t range[2] = {UINTPTR_MAX, 0};
-  dl_iterate_phdr(main_program_range, range);
-  void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-  if (!libc) return;
+  static Objects o;  // in load order, the main program first
+  o.n = 0;
+  dl_iterate_phdr(list_object, &o);
+  if (o.n == 0) return;
   const char* names[2] = {"posix_memalign", "free"};
   void* process[2] = {(void*)real_memalign, (void*)real_free};
-  for (int i = 0; i < 2; i++)
-    if ((uintptr_t)process[i] >= range[0] && (uintptr_t)process[i] < range[1])
-      alias[i] = dlsym(libc, names[i]);
-  dlclose(libc);
+  for (int i = 0; i < 2; i++) {
+    if ((uintptr_t)process[i] < o.lo[0] || (uintptr_t)process[i] >= o.hi[0]) continue;
+    for (int j = 1; j < o.n && !alias[i]; j++) {
+      if (!o.name[j] || !o.name[j][0]) continue;
+      void* h = dlopen(o.name[j], RTLD_LAZY | RTLD_NOLOAD);
+      if (!h) continue;
+      void* f = dlsym(h, names[i]);  // may come from one of the object's dependencies
+      if ((uintptr_t)f >= o.lo[j] && (uintptr_t)f < o.hi[j]) alias[i] = f;
+      dlclose(h);
+    }
+  }
 }
 
 typedef struct {
