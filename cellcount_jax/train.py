@@ -454,12 +454,26 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     return calibrate_and_evaluate(config, predictor, splits, workdir)
 
 
+def _data_paths(config):
+    """The files and folders config.data reads (as written, for its source)."""
+    d = config.data
+    keys = {"vgg": ("path",), "folder": ("images", "annotations", "test_images",
+                                         "test_annotations", "roi", "test_roi")}
+    return [d[k] for k in keys.get(d.get("source"), ()) if d.get(k)]
+
+
 def evaluate_workdir(workdir: str, tta: Optional[bool] = None, zooms=None):
     """Recalibrates and scores the newest checkpoint of a model folder on the data of its own
     `config.json` (no config argument); `tta` True/False turns test-time augmentation on/off
     in the folder's record (None: as it is); `zooms` replaces the config's `predict.zooms`
     (the input zooms calibration chooses from; kept in the folder's config.json)."""
     config = model_folder.read_config(workdir)
+    missing = [p for p in _data_paths(config) if not os.path.isabs(p) and not os.path.exists(p)]
+    if missing:
+        raise InputError(
+            f"{os.path.join(workdir, model_folder.CONFIG)} names its data relative to the "
+            f"directory training ran from ({', '.join(missing)}), not found from {os.getcwd()}: "
+            "run `cellcount evaluate` from that directory")
     if zooms:
         if "predict" not in config:
             config.predict = {}

@@ -212,6 +212,8 @@ ERROR_CASES = [
     ("no model folder", ["predict", "--model=nosuchmodel", "--input=imgs"], "nosuchmodel"),
     ("not a model folder", ["evaluate", "--workdir=imgs"], "imgs"),
     ("zooms that are not numbers", ["evaluate", "--workdir=imgs", "--zooms=1,big"], "--zooms"),
+    ("evaluate away from the training directory", ["evaluate", "--workdir=relmodel"],
+     "relative to the directory training ran from (../imgs_there, ../dots_there)"),
 ]
 
 
@@ -230,6 +232,10 @@ def error_dir(tmp_path_factory):
     a = np.zeros((16, 16, 3), np.float32)
     a[3, 3, 1] = np.nan
     tifffile.imwrite(d / "nan.tif", a)
+    os.makedirs(d / "relmodel")  # a folder trained one directory down, data named relative to it
+    (d / "relmodel" / "config.json").write_text(json.dumps(
+        {"data": {"source": "folder", "images": "../imgs_there", "annotations": "../dots_there",
+                  "test_images": ""}}))
     return d
 
 
