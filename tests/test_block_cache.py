@@ -30,12 +30,17 @@ def test_temporaries_reused_with_the_same_results():
     fn, x, expect, temp = _program(1 << 23)
     assert temp >= 2 * block_cache.MIN_BYTES
     x = jax.device_put(x)
-    for _ in range(3):  # the blocks (temporaries, the outputs held in turn) are mapped here
-        out = fn(x)
-        np.testing.assert_array_equal(out, expect)
+
+    def runs(n):  # XLA's runs alone (numpy's own temporaries fault in as the allocator likes)
+        for _ in range(n):
+            out = fn(x).block_until_ready()
+        return out
+
+    # The blocks are mapped here: the temporaries (a run may start before the previous one's
+    # are freed) and the outputs, held in turn.
+    np.testing.assert_array_equal(runs(5), expect)
     before, faults = block_cache.stats(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):  # XLA's runs alone (numpy's own temporaries fault in as the allocator likes)
-        out = fn(x).block_until_ready()
+    out = runs(5)
     after = block_cache.stats()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5
     np.testing.assert_array_equal(out, expect)
