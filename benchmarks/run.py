@@ -71,11 +71,16 @@ def cpu_model():
             f"model {info.get('model')})")
 
 
+def usable_cores():
+    """The CPUs this process may run on (`taskset` limits them), not all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def device_info():
     d = jax.devices()[0]
     cpu = jax.default_backend() == "cpu"
     return {"backend": jax.default_backend(), "device_kind": d.device_kind,
-            "devices": jax.device_count(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "devices": jax.device_count(), "cpu": cpu_model(), "cores": usable_cores(),
             "jax": jax.__version__, "block_cache": cpu and block_cache.install(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
