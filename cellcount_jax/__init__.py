@@ -4,6 +4,7 @@ focal-consistency self-supervised learning (Guo et al. 2022), in JAX/Flax.
     import cellcount_jax
     model = cellcount_jax.load_model("workdir/quickstart")   # a model folder
     cells = model.detect(image)   # .pixels, .physical, .density, .count_corrected
+    cells = model.detect(image, diameter="auto")   # cells larger or smaller than the model's
     density = model.density(image)
 """
 

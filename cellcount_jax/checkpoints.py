@@ -21,13 +21,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def directory(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+CHECKPOINTS = "checkpoints"
+# The parameters of the step that calibrated best during training (`train`, `eval.every`).
+BEST = "best_checkpoint"
 
 
-def manager(workdir: str, save_every: int = 1, max_to_keep: int = 3):
+def directory(workdir: str, name: str = CHECKPOINTS) -> str:
+    return os.path.join(os.path.abspath(workdir), name)
+
+
+def manager(workdir: str, save_every: int = 1, max_to_keep: int = 3, name: str = CHECKPOINTS):
     return ocp.CheckpointManager(
-        directory(workdir),
+        directory(workdir, name),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              save_interval_steps=save_every, create=True))
 
@@ -61,8 +66,9 @@ def _restore_newest(mngr, workdir, restore_fn):
         try:
             return step, _quiet_restore(lambda: restore_fn(step))
         except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
-            src = os.path.join(directory(workdir), str(step))
-            dst = os.path.join(os.path.abspath(workdir), "checkpoints_damaged", str(step))
+            src = os.path.join(str(mngr.directory), str(step))
+            dst = os.path.join(os.path.abspath(workdir),
+                               os.path.basename(str(mngr.directory)) + "_damaged", str(step))
             if jax.process_index() == 0:  # one process moves it; every one goes on to the next
                 if os.path.exists(dst):
                     shutil.rmtree(dst)
@@ -91,17 +97,25 @@ def restore_latest(mngr, state, workdir: str = None):
     return state if step is None else jax.tree.map(np.asarray, restored)
 
 
-def restore_params(workdir: str):
-    """(step, params) of the newest readable checkpoint in `workdir`, without building an
-    optimizer: the saved tree as it is, of which only the parameters are kept."""
-    if not os.path.isdir(directory(workdir)):
+def restore_tree(workdir: str, name: str = CHECKPOINTS):
+    """(step, the saved tree as it is) of the newest readable checkpoint in `workdir`'s folder
+    `name`, or (None, None)."""
+    if not os.path.isdir(directory(workdir, name)):
         return None, None
-    mngr = manager(workdir)
+    mngr = manager(workdir, name=name)
     try:
         step, restored = _restore_newest(
             mngr, workdir, lambda s: mngr.restore(s, args=ocp.args.StandardRestore()))
     finally:
         mngr.close()
+    return step, restored
+
+
+def restore_params(workdir: str, name: str = CHECKPOINTS):
+    """(step, params) of the newest readable checkpoint in `workdir` (in its folder `name`),
+    without building an optimizer: the saved tree as it is, of which only the parameters are
+    kept."""
+    step, restored = restore_tree(workdir, name)
     if step is None:
         return None, None
     return step, jax.tree.map(np.asarray, restored["params"])

@@ -1,13 +1,14 @@
 """The `cellcount` command (and `launch.py`): train, evaluate, predict.
 
     cellcount train [--config=NAME|FILE] [--workdir=DIR] [--images=DIR --dots=DIR [--roi=DIR]
-                    [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]]
+                    [--test-images=DIR --test-dots=DIR [--test-roi=DIR]]] [--minutes=N]
                     [--config.<block>.<field>=VALUE ...] [--distributed | --coordinator=HOST:PORT
                     --num_processes=N --process_id=I]
     cellcount evaluate --workdir=DIR [--tta | --notta] [--zooms=Z,Z,...]
     cellcount predict --model=DIR --input=FILE|DIR|ZARR [--output=DIR] [--annotations=FILE|DIR
                       [--roi=FILE|DIR]] [--tile=N[,N,N]] [--context=N[,N,N]] [--spacing=Z,Y,X]
-                      [--density=tif|zarr|none] [--workers=N | --scheduler=tcp://HOST:PORT]
+                      [--diameter=D|auto] [--density=tif|zarr|none]
+                      [--workers=N | --scheduler=tcp://HOST:PORT]
     cellcount annotate IMAGE [--points=FILE.csv] [--model=DIR [--spacing=Z,Y,X]] [--port=N]
                        [--host=ADDRESS] [--ndim=2|3] [--grid=[Z,]Y,X]
 
@@ -99,6 +100,9 @@ def define_flags():
     flags.DEFINE_string("test-images", None, "train: a folder of held-out images.")
     flags.DEFINE_string("test-dots", None, "train: annotations of the held-out images.")
     flags.DEFINE_string("test-roi", None, "train: regions of interest of the held-out images.")
+    flags.DEFINE_float("minutes", None, "train: fit the schedule (steps, SGDR periods, ramp) to "
+                       "this many minutes of training from the step rate measured after "
+                       "compilation (config.train.minutes; 0: config.train.steps as given).")
     flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir whose model, data "
                       "or target config differs from its config.json.")
     flags.DEFINE_string("model", None, "predict, annotate: a model folder (a training workdir) "
@@ -115,6 +119,11 @@ def define_flags():
                         "a tile on each side (default: the model's).")
     flags.DEFINE_string("spacing", None, "predict, annotate: the input's voxel spacing (z,y,x) when it "
                         "differs from the model's: resampled to the model's for the network.")
+    flags.DEFINE_string("diameter", None, "predict: the cells' typical diameter where they are "
+                        "larger or smaller than the model's training cells (in the units of "
+                        "--spacing; without it, in pixels), or 'auto' to estimate it on each "
+                        "image: the input is resampled so that its cells have the training "
+                        "cells' size, and detections come back in its pixels.")
     flags.DEFINE_enum("density", "tif", ["tif", "zarr", "none"], "predict: the density map as "
                       "a (Big)TIFF, an OME-Zarr (needs '.[big]') or not at all.")
     flags.DEFINE_integer("workers", 0, "predict: run the tiles on a local Dask cluster of this "
@@ -167,6 +176,10 @@ def _train_config():
     elif any(FLAGS[k].value for k in ("dots", "roi", "test-images", "test-dots", "test-roi")):
         raise InputError("--dots, --roi, --test-images, --test-dots and --test-roi go with "
                          "--images")
+    if FLAGS.minutes is not None:
+        if FLAGS.minutes < 0:
+            raise InputError(f"--minutes must be >= 0, got {FLAGS.minutes}")
+        config.train.minutes = FLAGS.minutes
     if FLAGS["test-images"].value and not FLAGS["test-dots"].value:
         raise InputError("--test-images needs --test-dots (the held-out images' annotations)")
     if FLAGS["test-roi"].value and not FLAGS["test-images"].value:
@@ -212,7 +225,21 @@ def run(command: str):
         model_path(model), FLAGS.input, FLAGS.output, FLAGS.annotations, FLAGS.roi or "",
         workers=FLAGS.workers, scheduler=FLAGS.scheduler, tile=_numbers("tile", int),
         context=_numbers("context", int), spacing=_numbers("spacing", float),
-        density=FLAGS.density, progress=FLAGS.progress)
+        diameter=_diameter(), density=FLAGS.density, progress=FLAGS.progress)
+
+
+def _diameter():
+    """--diameter as a number, 'auto', or None when not given."""
+    text = FLAGS.diameter
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--diameter={text}: expected the cells' diameter (a number) or "
+                         f"'auto'") from None
 
 
 def _annotate():

@@ -21,6 +21,7 @@ across them; every process gets the same scores and process 0 prints and writes 
 """
 import csv
 import os
+import warnings
 
 import numpy as np
 
@@ -40,32 +41,82 @@ def _within(maps, dots, rois, spacing):
 
 
 def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
-              rois=None, min_distances=(0.0,)):
+              rois=None, min_distances=(0.0,), max_ratio=None, peak=None):
     """The detector {'name', 'threshold', 'min_distance'} with the best pooled F1 (then lowest
     MAE) on (maps, dots), within `rois` (bool masks or None per map) where given.
 
     detector 'auto' tries 'components' and 'peaks'; 'peaks' is tried with each of
     `min_distances` (physical units); the data are the labeled training images (or their
-    held-out bands).
+    held-out bands). Degenerate candidates are refused (`_search`: `max_ratio`, `peak`).
     """
     return _search(maps, dots, candidates, radius, spacing, detector, min_size, rois,
-                   min_distances)[1]
+                   min_distances, max_ratio, peak)[1]
 
 
-def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, min_distances):
-    """((F1, -MAE), detector) of `calibrate`'s choice."""
-    best = None
+FLAT = 0.05           # a map whose robust range is below this fraction of the targets' peak
+
+
+def flat(maps, peak: float) -> bool:
+    """Whether density maps are nearly flat: the spread between their 1st and 99.9th
+    percentiles is below FLAT times the training targets' typical peak. A network that has not
+    learned (or has collapsed) gives such maps, and any threshold then detects noise."""
+    values = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+    lo, hi = np.percentile(values, [1.0, 99.9])
+    return bool(hi - lo < FLAT * peak)
+
+
+def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, min_distances,
+            max_ratio=None, peak=None, what="the density maps"):
+    """((F1, -MAE), detector) of `calibrate`'s choice, or (None, None) when every candidate is
+    refused.
+
+    Refused, with a warning that says what to do: maps that are nearly flat (`flat`, with the
+    targets' `peak`), and candidates that detect more than `max_ratio` times as many cells as
+    the maps have dots (a threshold in the background: it may still match every dot of a
+    sparse image). Among the candidates that tie for the best score (few dots give many ties),
+    the middle one of each detector's tied thresholds is taken, not the lowest: it is the
+    furthest from a threshold where the count changes.
+    """
+    if peak is not None and flat(maps, peak):
+        warnings.warn(f"calibration: {what} are nearly flat (spread below {FLAT:g} of the "
+                      f"targets' peak {peak:.3g}); the network has not learned to mark cells. "
+                      f"Train longer (config.train.steps), check that the dots belong to the "
+                      f"images, or lower config.optim.lr", stacklevel=3)
+        return None, None
     dots, detect = _within(maps, dots, rois, spacing)
+    n_dots = sum(len(d) for d in dots)
+    results, refused = [], []
     for det in (postprocess.DETECTORS if detector == "auto" else (detector,)):
         for md in (min_distances if det == "peaks" else (0.0,)):
             for t in candidates:
                 preds = detect(det, t, min_size, md)
+                n = sum(len(p) for p in preds)
                 r = metrics.evaluate_points(preds, dots, radius, spacing)
                 key = (r["f1"], -r["mae"])
-                if best is None or key > best[0]:
-                    best = (key, {"name": det, "threshold": float(t),
-                                  "min_distance": float(md)})
-    return best
+                if max_ratio and n > max_ratio * n_dots + 1:
+                    refused.append((key, det, float(t), n))
+                    continue
+                results.append((key, {"name": det, "threshold": float(t),
+                                      "min_distance": float(md)}))
+    best_key = max((k for k, _ in results), default=None)
+    better = [r for r in refused if best_key is None or r[0] > best_key]
+    if better:  # a refused candidate would have been chosen
+        _, det, t, n = max(better)
+        warnings.warn(f"calibration: refused {det} at threshold {t:.3g}, the best score on the "
+                      f"calibration images, because it detects {n} cells where they have "
+                      f"{n_dots} dots (more than {max_ratio:g} times); "
+                      + ("the best of the other candidates is taken" if results else
+                         "no other candidate is left") +
+                      ". The map does not separate cells from background well: train longer, "
+                      "or check that the dots mark every cell of the labeled images",
+                      stacklevel=3)
+    if not results:
+        return None, None
+    tied = [d for k, d in results if k == best_key]
+    first = tied[0]
+    same = [d for d in tied if (d["name"], d["min_distance"]) == (first["name"],
+                                                                  first["min_distance"])]
+    return best_key, same[(len(same) - 1) // 2]
 
 
 def crowding(preds, dots, distance, spacing=None):
@@ -140,29 +191,49 @@ def calibrate_record(config, predictor, splits):
     `data.calibration_split`) and stores them in `predictor.record` ('zoom', 'detector'):
     the best pooled F1, then the lowest MAE, then the first zoom listed. Thresholds are tried
     relative to the typical peak of the training targets (scale for inverse distance maps, one
-    Gaussian's height for density maps)."""
+    Gaussian's height for density maps). Degenerate candidates are refused (`_search`: nearly
+    flat maps, more than `eval.max_detections_ratio` times the dots); where every candidate is
+    refused, the best of them is kept with `'degenerate': True` in the record. Returns the
+    pooled F1 of the choice on the calibration images (0 where degenerate)."""
     ev, train = config.eval, splits["train"]
     cal = splits["calibration"]
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
-    best = None
+    max_ratio = float(ev.get("max_detections_ratio", 0.0) or 0.0) or None
+    args = (candidates, float(ev.radius), splits["spacing"], ev.detector, ev.min_size, cal.rois,
+            _min_distances(ev))
+    best, degenerate = None, False
     for zoom in zooms(config):
         predictor.record["zoom"] = zoom
         zoom_maps = _maps(predictor, cal.images)
-        key, zoom_detector = _search(zoom_maps, cal.dots, candidates, float(ev.radius),
-                                     splits["spacing"], ev.detector, ev.min_size, cal.rois,
-                                     _min_distances(ev))
-        if best is None or key > best[0]:
+        key, zoom_detector = _search(zoom_maps, cal.dots, *args, max_ratio, peak,
+                                     f"the density maps at input zoom {zoom:g}")
+        if key is not None and (best is None or key > best[0]):
             best = (key, zoom, zoom_detector, zoom_maps)
-    _, predictor.record["zoom"], detector, maps = best
+    if best is None:  # every candidate refused: keep the best one, marked
+        degenerate = True
+        warnings.warn("calibration: every candidate detector was refused; the model folder "
+                      "keeps the best of them, marked 'degenerate', and its counts are not to "
+                      "be trusted", stacklevel=2)
+        for zoom in zooms(config):
+            predictor.record["zoom"] = zoom
+            zoom_maps = _maps(predictor, cal.images)
+            key, zoom_detector = _search(zoom_maps, cal.dots, *args)
+            if best is None or key > best[0]:
+                best = (key, zoom, zoom_detector, zoom_maps)
+    key, predictor.record["zoom"], detector, maps = best
     held_out = bool(config.data.get("holdout", 0.0))
     dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
     preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"])
     predictor.record["detector"] = {
         **detector, "min_size": int(ev.min_size), "radius": float(ev.radius),
         "crowding": crowding(preds, dots, 2 * float(ev.radius), splits["spacing"]),
+        "calibration_f1": float(key[0]),
         "calibrated_on": f"{'held-out bands of ' if held_out else ''}{len(cal.images)} labeled "
                          f"training images"}
+    if degenerate:
+        predictor.record["detector"]["degenerate"] = True
+    return 0.0 if degenerate else float(key[0])
 
 
 def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=True):

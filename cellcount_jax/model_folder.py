@@ -3,6 +3,8 @@
     <workdir>/config.json          the resolved training config, written when training starts
     <workdir>/inference.json       the inference record (below)
     <workdir>/checkpoints/<step>/  orbax checkpoints of the train state
+    <workdir>/best_checkpoint/<step>/  with `eval.every`: the parameters of the step that
+                                   calibrated best, which prediction uses (record 'selected')
     <workdir>/metrics.jsonl, tensorboard/, training.png    run records (`records`)
     <workdir>/eval.json, eval_per_image.csv, eval_detections.csv    held-out scores
 
@@ -10,8 +12,17 @@ The inference record holds the rank, input channels, voxel spacing, the network'
 fitted normalisation, the target kind and scale (with the mass of one dot's target, for the
 integration count), the training crop, the prediction tile and context, whether prediction
 averages flips (test-time augmentation), the input zoom, the detector, threshold and crowding
-correction once calibrated, and the package version. `load_model(workdir)` builds a
-`Predictor` from the folder alone: no config file, no optimizer.
+correction once calibrated, the package version, and the training cells' size:
+
+    "cell_size": {"diameter": typical cell diameter, physical units (None without dots),
+                  "nearest_dot_distance": median distance between neighbouring dots, physical,
+                  "polarity": "bright" or "dark" (cells against their background),
+                  "estimator": "log_scale"}     (`cellsize.of_training_set`)
+
+which prediction uses to rescale images whose cells are larger or smaller
+(`Predictor.input_zoom`; records written before it have no "cell_size" and predict as
+before). `load_model(workdir)` builds a `Predictor` from the folder alone: no config file, no
+optimizer.
 """
 import dataclasses
 import itertools
@@ -24,7 +35,8 @@ import numpy as np
 from ml_collections import ConfigDict
 from scipy import ndimage
 
-from cellcount_jax import checkpoints, convolutions, models, postprocess, tiling, volumes
+from cellcount_jax import (cellsize, checkpoints, convolutions, models, postprocess, tiling,
+                           volumes)
 from cellcount_jax.errors import InputError
 from cellcount_jax.normalise import Normaliser
 
@@ -140,6 +152,7 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
         "test_time_augmentation": bool((config.get("predict") or {}).get("tta", False)),
         "zoom": 1.0,
         "detector": None,
+        "cell_size": cellsize.of_training_set(train.images, train.dots, splits["spacing"]),
     }
 
 
@@ -316,9 +329,12 @@ class Predictor:
         crowd = (self.record.get("detector") or {}).get("crowding")
         return float(detections + (crowd["per_pair"] * pairs if crowd else 0.0))
 
-    def detections(self, pixels, density_at, mass, pairs=0.0) -> Detections:
+    def detections(self, pixels, density_at, mass, pairs=0.0, spacing=None) -> Detections:
+        """Detections at `pixels`, their physical coordinates in `spacing` (default the
+        model's)."""
         pixels = np.asarray(pixels, np.float32).reshape(-1, self.ndim)
-        return Detections(pixels, pixels * np.asarray(self.spacing, np.float32),
+        spacing = self.spacing if spacing is None else spacing
+        return Detections(pixels, pixels * np.asarray(spacing, np.float32),
                           np.asarray(density_at, np.float32),
                           float(mass / self.record["target"]["mass_per_dot"]),
                           self.corrected_count(len(pixels), pairs))
@@ -332,11 +348,79 @@ class Predictor:
         pairs = postprocess.close_pairs(pts, crowd["distance"], self.spacing) if crowd else 0.0
         return self.detections(pts, at, density.sum(dtype=np.float64), pairs)
 
-    def detect(self, image, normalised: bool = False, tile=None, context=None) -> Detections:
-        """Detections of an image, tile by tile (each tile keeps the cells it owns)."""
+    def detect(self, image, normalised: bool = False, tile=None, context=None, spacing=None,
+               diameter=None) -> Detections:
+        """Detections of an image, tile by tile (each tile keeps the cells it owns).
+
+        spacing, diameter: the image's voxel spacing and its cells' diameter (`input_zoom`;
+        e.g. diameter=30 for cells of 30 pixels, 'auto' to estimate it): the network sees the
+        image resampled by the zoom they give, and the detections come back in the image's
+        pixels (physical coordinates in `spacing`, default the model's)."""
         self._check_calibrated()
-        density, pts, at, pairs = self._tiles(image, normalised, True, tile, context)
-        return self.detections(pts, at, density.sum(dtype=np.float64), pairs)
+        zoom, _ = self.input_zoom(image, spacing, diameter)
+        if np.allclose(zoom, 1):
+            density, pts, at, pairs = self._tiles(image, normalised, True, tile, context)
+        else:
+            image = self._as_image(image).astype(np.float32, copy=False)
+            grid = tiling.Resampled(volumes.ArrayVolume(image, self.ndim, channel_axis=self.ndim),
+                                    zoom).read()
+            density, pts, at, pairs = self._tiles(grid, normalised, True, tile, context)
+            pts = np.asarray(pts, np.float64).reshape(-1, self.ndim) / zoom
+        return self.detections(pts, at, density.sum(dtype=np.float64), pairs,
+                               self.input_spacing(spacing))
+
+    def input_spacing(self, spacing=None) -> np.ndarray:
+        """An input's voxel spacing, (ndim,) physical: `spacing` (one value per axis, or one
+        for every axis), else the model's."""
+        model = np.asarray(self.spacing, np.float64)
+        spacing = model if spacing is None else np.ravel(np.asarray(spacing, np.float64))
+        spacing = np.repeat(spacing, self.ndim) if len(spacing) == 1 else spacing
+        if spacing.shape != model.shape or not np.all(spacing > 0):
+            raise InputError(f"--spacing must be {self.ndim} positive values (or one for every "
+                             f"axis), got {spacing.tolist()}")
+        return spacing
+
+    @property
+    def cell_diameter(self) -> Optional[float]:
+        """The training cells' typical diameter, physical units (the record's `cell_size`);
+        None for a model recorded without one."""
+        return (self.record.get("cell_size") or {}).get("diameter")
+
+    def input_zoom(self, image, spacing=None, diameter=None):
+        """(zoom (ndim,), diameter used or None): the resampling of an input for the network
+        (per axis, > 1 enlarges it), that brings its voxels to the model's spacing and, with
+        `diameter`, its cells to the size of the training cells.
+
+        image: the input, (*spatial[, C]) array or `volumes.Volume` (read for 'auto' only);
+        spacing: its voxel spacing (None: the model's); diameter: None (the cells are as large
+        as the training cells), the cells' typical diameter in the units of `spacing` (without
+        it: in pixels of the last axis, the model's anisotropy assumed), or 'auto'
+        (`cellsize.estimate` on the input, with the training cells' polarity). With a
+        diameter D the input's grid is taken to have the spacing `spacing * model diameter /
+        D`; the zoom is that spacing / the model's."""
+        model = np.asarray(self.spacing, np.float64)
+        unit = self.input_spacing(spacing)
+        if diameter is None:
+            return unit / model, None
+        if not self.cell_diameter:
+            raise InputError("the model records no cell size (its inference.json has no "
+                             "'cell_size' diameter: trained before cell sizes were recorded, or "
+                             "without dots), so a --diameter cannot be matched to it; predict "
+                             "without --diameter (with --spacing where the voxels differ)")
+        unit = unit if spacing is not None else model / model[-1]
+        if isinstance(diameter, str) and diameter == "auto":
+            polarity = self.record["cell_size"].get("polarity", "bright")
+            diameter = cellsize.estimate(image, unit, polarity)
+        else:
+            try:
+                value = float(diameter)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not np.isfinite(value) or value <= 0:
+                raise InputError(f"--diameter must be a positive number (the cells' diameter) "
+                                 f"or 'auto', got {diameter!r}")
+            diameter = value
+        return unit * (self.cell_diameter / diameter) / model, diameter
 
 
 def tiling_default(train_crop, features: int = 16) -> dict:
@@ -359,9 +443,13 @@ def create_model(record: dict, impl: str = "auto"):
 
 
 def load_model(workdir: str) -> Predictor:
-    """The model in `workdir` (its newest readable checkpoint) as a `Predictor`."""
+    """The model in `workdir` as a `Predictor`: the parameters of the step that calibrated
+    best during training where the record names one ('selected', `train.eval.every`), else
+    of its newest readable checkpoint."""
     record = read_record(workdir)
-    step, params = checkpoints.restore_params(workdir)
+    name = checkpoints.BEST if record.get("selected") else checkpoints.CHECKPOINTS
+    step, params = checkpoints.restore_params(workdir, name)
     if params is None:
-        raise InputError(f"{workdir}: no readable checkpoint in {checkpoints.directory(workdir)}")
+        raise InputError(f"{workdir}: no readable checkpoint in "
+                         f"{checkpoints.directory(workdir, name)}")
     return Predictor(create_model(record), jax.device_put(params), record, step)

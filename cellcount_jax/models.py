@@ -235,8 +235,10 @@ class SAUNet(nn.Module):
 
 def init_params(model: SAUNet, rng, input_shape: Sequence[int]):
     """Parameters for inputs of `input_shape` (batch, *spatial, channels); batch may be 1."""
-    shape = (1,) + tuple(input_shape[1:])
-    return model.init(rng, jnp.zeros(shape, jnp.float32))["params"]
+    # No parameter depends on the spatial size: initialise on the smallest input the network
+    # takes (2^(LEVELS-1) per axis), as one compiled program, not op by op on a full crop.
+    shape = (1,) + (2 ** (LEVELS - 1),) * (len(input_shape) - 2) + tuple(input_shape[-1:])
+    return jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32))["params"])(rng)
 
 
 def count_params(params) -> int:

@@ -12,17 +12,19 @@ Per image, in the output folder:
                             integration count and share of close pairs of detections (for the
                             corrected count), and the detections file's length after it (the
                             resume record)
-    <name>_run.json         the settings of the run and the image's normalisation statistics
+    <name>_run.json         the settings of the run (with a cells' diameter: the diameter used
+                            and the zoom it gives) and the image's normalisation statistics
     <name>_density.tif      the density map (float32, BigTIFF when large), written tile by
                             tile; or <name>_density.ome.zarr (`density='zarr'`); or none
     <name>_overlay.png      images up to OVERLAY_VOXELS: detections as red crosses and, with
                             annotations, the truth as green circles (3D: maximum projection)
 
-and one `counts.csv` for all images. A run killed at any moment and started again with the
-same arguments continues after its last finished tile: the detections file is cut back to the
-length the tile record gives, so no cell is lost or written twice. With a Dask client
-(`dask.distributed`) the tiles are tasks on its workers, each of which loads the model once;
-this process writes the results in the order they finish.
+and one `counts.csv` for all images (with a cells' diameter, each image's in a column). A run
+killed at any moment and started again with the same arguments continues after its last
+finished tile: the detections file is cut back to the length the tile record gives, so no cell
+is lost or written twice. With a Dask client (`dask.distributed`) the tiles are tasks on its
+workers, each of which loads the model once; this process writes the results in the order they
+finish.
 """
 import csv
 import functools
@@ -281,16 +283,19 @@ def _results(predictor, volume, affine, todo, keep_density, client, model_dir):
 
 
 def predict_image(predictor, volume, output: str, name: str, *, tile=None, context=None,
-                  spacing=None, density: str = "tif", client=None, model_dir: str = None,
-                  progress: bool = True) -> dict:
+                  spacing=None, diameter=None, density: str = "tif", client=None,
+                  model_dir: str = None, progress: bool = True) -> dict:
     """Predicts one image (`volumes.Volume`) tile by tile into `output` (module docstring);
     resumes a previous run of the same settings. Returns its row of counts.csv.
 
     tile, context: voxels per axis (default: the model's, `Predictor.tiling`). spacing: the
-    image's voxel spacing when it differs from the model's: the image is resampled to the
-    model's grid for the network (linear interpolation, tile by tile) and detections are
-    mapped back to the image's pixels. density: 'tif', 'zarr' or 'none'. client: a
-    `dask.distributed.Client` whose workers run the tiles (they load `model_dir`)."""
+    image's voxel spacing when it differs from the model's; diameter: its cells' diameter when
+    they are larger or smaller than the model's training cells (in the units of `spacing`,
+    without it in pixels; or 'auto' to estimate it; `Predictor.input_zoom`). The image is
+    resampled by the zoom they give for the network (linear interpolation, tile by tile) and
+    detections are mapped back to the image's pixels (physical coordinates in `spacing`, else
+    the model's). density: 'tif', 'zarr' or 'none'. client: a `dask.distributed.Client` whose
+    workers run the tiles (they load `model_dir`)."""
     channels = predictor.record["channels"]
     if volume.channels != channels:
         where = getattr(volume, "path", None) or getattr(volume, "folder", None) or name
@@ -299,12 +304,14 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     if density not in DENSITY_FORMATS:
         raise InputError(f"--density must be one of {DENSITY_FORMATS}, got {density!r}")
     model_spacing = np.asarray(predictor.spacing, np.float64)
-    spacing = model_spacing if spacing is None else np.ravel(np.asarray(spacing, np.float64))
-    spacing = np.repeat(spacing, len(model_spacing)) if len(spacing) == 1 else spacing
-    if spacing.shape != model_spacing.shape or np.any(spacing <= 0):
-        raise InputError(f"--spacing must be {len(model_spacing)} positive values (or one for "
-                         f"every axis), got {spacing.tolist()}")
-    zoom = spacing / model_spacing
+    zoom, used = predictor.input_zoom(volume, spacing, diameter)
+    if used is not None:
+        unit = "" if spacing is not None else " pixels"
+        how = "estimated" if diameter == "auto" else "given"
+        scale = f"{zoom[-1]:.4g}" if np.allclose(zoom, zoom[-1]) else f"{zoom.round(4).tolist()}"
+        print(f"{name}: cells {used:.4g}{unit} across ({how}), the model's "
+              f"{predictor.cell_diameter:.4g}: resampled by {scale}", flush=True)
+    spacing = predictor.input_spacing(spacing)
     grid_volume = volume if np.allclose(zoom, 1) else tiling.Resampled(volume, zoom)
     tile, context = predictor.tiling(tile, context)
     tiles = tiling.grid(grid_volume.shape, tile, context)
@@ -321,6 +328,11 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
                 "spacing": spacing.tolist(),
                 "model_spacing": model_spacing.tolist(), "grid_shape": list(grid_volume.shape),
                 "tile": list(tile), "context": list(context), "density": density}
+    if used is not None:  # only then: runs without a diameter stay resumable as they were
+        settings.update(diameter={"given": diameter if diameter == "auto" else float(diameter),
+                                  "used": round(float(used), 4),
+                                  "model": predictor.cell_diameter},
+                        grid_zoom=zoom.tolist())
     resume = os.path.exists(paths["run.json"]) and os.path.exists(paths["tiles.csv"])
     if resume:
         previous = model_folder.read_json(paths["run.json"])
@@ -375,10 +387,13 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     done = _finished_tiles(paths["tiles.csv"], paths["detections.csv"])
     detections = sum(int(r["detections"]) for r in done.values())
     pairs = sum(float(r.get("pairs", 0.0)) for r in done.values())
-    return {"name": name, "count_detections": detections,
-            "count_corrected": round(predictor.corrected_count(detections, pairs), 2),
-            "count_integration": round(sum(float(r["integration"]) for r in done.values()), 2),
-            "tiles": len(done)}
+    row = {"name": name, "count_detections": detections,
+           "count_corrected": round(predictor.corrected_count(detections, pairs), 2),
+           "count_integration": round(sum(float(r["integration"]) for r in done.values()), 2),
+           "tiles": len(done)}
+    if used is not None:
+        row["diameter"] = round(float(used), 4)
+    return row
 
 
 def _progress(total, initial, name, enabled):
@@ -394,18 +409,20 @@ def _progress(total, initial, name, enabled):
 
 
 def predict_paths(predictor, path: str, output: str, annotations: str = "", roi: str = "", *,
-                  tile=None, context=None, spacing=None, density: str = "tif", client=None,
-                  model_dir: str = None, progress: bool = True):
+                  tile=None, context=None, spacing=None, diameter=None, density: str = "tif",
+                  client=None, model_dir: str = None, progress: bool = True):
     """Runs `predictor` on the images of `path` (`inputs`), writes to `output`, prints one
     line per image and returns the rows of counts.csv (with `annotations`: scored at the
-    model's match radius, inside `roi` when given)."""
+    model's match radius, scaled with the cells where `diameter` rescales them, inside `roi`
+    when given). spacing, diameter: as `predict_image` (diameter 'auto': estimated on each
+    image)."""
     items = inputs(path, predictor.ndim, annotations, roi)
     os.makedirs(output, exist_ok=True)
     radius = predictor.record["detector"]["radius"] if predictor.calibrated else None
     counts, lines = [], []
     for name, volume, dots, region in items:
         row = predict_image(predictor, volume, output, name, tile=tile, context=context,
-                            spacing=spacing, density=density, client=client,
+                            spacing=spacing, diameter=diameter, density=density, client=client,
                             model_dir=model_dir, progress=progress)
         det = None
         if dots is not None or volume.size <= OVERLAY_VOXELS:
@@ -417,7 +434,11 @@ def predict_paths(predictor, path: str, output: str, annotations: str = "", roi:
                 f"{row['count_integration']:>12.1f}")
         if dots is not None:
             dots = postprocess.inside(dots, region)
-            tp, fp, fn = metrics.match(postprocess.inside(det, region), dots, radius,
+            match_radius = radius
+            if row.get("diameter"):  # the cells' size in the units of the match's spacing
+                size = row["diameter"] * (1.0 if spacing is not None else predictor.spacing[-1])
+                match_radius = radius * size / predictor.cell_diameter
+            tp, fp, fn = metrics.match(postprocess.inside(det, region), dots, match_radius,
                                        predictor.spacing if spacing is None else spacing)
             row.update(true_count=len(dots), tp=tp, fp=fp, fn=fn)
             line += f"{len(dots):>6d}{tp:>6d}{fp:>6d}{fn:>6d}"

@@ -11,6 +11,7 @@ calibrates the detector and scores the held-out images.
 import os
 import sys
 import time
+import warnings
 from typing import Optional
 
 import jax
@@ -284,11 +285,24 @@ def train(config, workdir: str, allow_config_change: bool = False):
     process saves the state of the same step and returns early: `predictor.step` is then
     below config.train.steps, and the same call resumes."""
     lead = distributed.is_lead()
+    t_start = time.perf_counter()
+    minutes = float(config.train.get("minutes", 0) or 0)
+    fitted = _previous_fit(workdir, minutes) if minutes else None
+    if fitted:  # resuming a run fitted to its minutes: the same schedule
+        config.train.steps, config.optim.sgdr_period, config.ssl.ramp_steps = fitted
     model_folder.prepare_workdir(workdir, config, allow_config_change, write=lead)
     log("loading data")
     splits = data.load(config, distributed.part())
     log(splits["summary"])
     train_set = splits["train"]
+    crop = _fit_crop(config, train_set)
+    if crop != tuple(config.train.crop):
+        log(f"the images are smaller than the training crop {tuple(config.train.crop)}: crops "
+            f"of {crop}")
+        config.train.crop = crop
+        if lead:
+            model_folder.write_json(os.path.join(workdir, model_folder.CONFIG),
+                                    model_folder.config_to_dict(config))
     model = create_model(config)
     steps = config.train.steps
     tx, lr_fn = optim.create_optimizer(config.optim, steps)
@@ -318,9 +332,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
     predictor = model_folder.Predictor(model_folder.create_model(record), state["params"],
                                        record, start)
     every = int(config.eval.get("every", 0) or 0)
-    if every and splits["test"] is None:
-        log("config.eval.every is set but there are no test images: no periodic evaluation")
-        every = 0
+    best = _Best(workdir, every, record)
 
     unlabeled_batch = config.train.unlabeled_batch if config.ssl.enabled else 0
     if unlabeled_batch and not train_set.unlabeled:
@@ -328,6 +340,20 @@ def train(config, workdir: str, allow_config_change: bool = False):
         unlabeled_batch = 0
     per_step = config.train.batch + unlabeled_batch
     par = Parallel(make_train_step(config, model, tx, lr_fn), config.train.parallel)
+    if minutes and not fitted and start == 0:
+        rate, compile_s = _probe(par, state, lambda k: train_set.sample(
+            batch_rng(config.seed, k), crop, config.train.batch, unlabeled_batch,
+            distributed.part()), jax.random.fold_in(rng, 1))
+        left = 60 * minutes - (time.perf_counter() - t_start) - compile_s
+        fit_schedule(config, int(left * rate * 0.97))
+        steps = config.train.steps
+        log(f"{rate:.3g} steps/s: {steps} steps fit in the {minutes:g} minutes "
+            f"({_duration(left)} left after loading and compiling)")
+        if lead:
+            model_folder.write_json(os.path.join(workdir, model_folder.CONFIG),
+                                    model_folder.config_to_dict(config))
+        tx, lr_fn = optim.create_optimizer(config.optim, steps)
+        par = Parallel(make_train_step(config, model, tx, lr_fn), config.train.parallel)
     if jax.process_count() > 1:
         log(f"{jax.process_count()} processes, {jax.device_count()} devices "
             f"({len(par.local)} in each process); each process makes its rows of the batch")
@@ -371,11 +397,12 @@ def train(config, workdir: str, allow_config_change: bool = False):
                 rate = (done - done_log) / (now - t_log)
                 scalars.update(steps_per_s=rate, images_per_s=rate * per_step)
             t_log, done_log = now, done
-        if every and done % every == 0:
+        if every and (done % every == 0 or done == steps):
             _check_finite(done, metrics, saved)
             t_eval = time.perf_counter()
             predictor.params, predictor.step = par.get_state(dstate)["params"], done
             scalars.update(_periodic_eval(config, predictor, splits))
+            best.offer(done, scalars["calibration_f1"], predictor.params)
             t_log += time.perf_counter() - t_eval  # the step rate leaves evaluation out
         if scalars:
             recs.write(done, scalars)
@@ -408,19 +435,128 @@ def train(config, workdir: str, allow_config_change: bool = False):
     elif start < steps:
         log(f"trained {steps - start} steps in {_duration(time.perf_counter() - t0)}")
     predictor.params, predictor.step = par.get_state(dstate)["params"], end
+    if not stopped:
+        best.use(predictor)
+        if lead:
+            model_folder.write_record(workdir, record)
     if lead and records.plot(workdir):
         log(f"wrote {workdir}/{records.PLOT}, {records.METRICS} and TensorBoard records "
             f"({workdir}/{records.TENSORBOARD})")
     return predictor, splits
 
 
+def _fit_crop(config, train_set):
+    """config.train.crop, each axis cut to the smallest image the crops are drawn from
+    (labeled, and unlabeled where they train), rounded down to a multiple of the network's
+    2^(LEVELS-1)."""
+    m = 2 ** (models.LEVELS - 1)
+    images = train_set.images + (train_set.unlabeled if config.ssl.enabled else [])
+    smallest = np.min([im.shape[:-1] for im in images if im is not None], axis=0)
+    return tuple(int(c) if c <= s else max(m, int(s) // m * m)
+                 for c, s in zip(config.train.crop, smallest))
+
+
+def _previous_fit(workdir, minutes):
+    """(steps, sgdr_period, ramp_steps) of a run in `workdir` fitted to the same `minutes`
+    that has checkpoints to resume from, else None."""
+    path = os.path.join(workdir, model_folder.CONFIG)
+    if not (os.path.exists(path) and checkpoints.restore_tree(workdir)[0]):
+        return None
+    old = model_folder.read_config(workdir)
+    if float(old.train.get("minutes", 0) or 0) != minutes:
+        return None
+    return int(old.train.steps), int(old.optim.sgdr_period), int(old.ssl.ramp_steps)
+
+
+def _probe(par, state, sample, key, seconds: float = 10.0, max_steps: int = 50):
+    """(steps/s, compile seconds) of the train step `par` with its input pipeline: compiles
+    it, then times steps on a copy of `state` for about `seconds` (at least 5 steps, at most
+    `max_steps`) and throws the copy away. In a job of several processes, the slowest rate
+    (all then fit the same number of steps)."""
+    t = time.perf_counter()
+    probe_state, metrics = par(par.put_state(state), sample(0), key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t
+    t, k = time.perf_counter(), 0
+    while k < 5 or (k < max_steps and time.perf_counter() - t < seconds):
+        probe_state, metrics = par(probe_state, sample(k + 1), key)
+        k += 1
+        if k % 5 == 0:
+            jax.block_until_ready(metrics)
+    jax.block_until_ready(metrics)
+    rate = k / (time.perf_counter() - t)
+    return float(distributed.gather_exact(np.float64(rate)).min()), compile_s
+
+
+def fit_schedule(config, steps: int):
+    """Sets config.train.steps to `steps` (at least 1) with the schedule scaled to it: the
+    SGDR periods (as many as fit from config.optim.sgdr_period, doubling, stretched so that
+    the last one ends at the last step, which may drop a few steps) and the consistency ramp
+    (the same fraction of the steps as before)."""
+    steps = max(1, int(steps))
+    o = config.optim
+    if o.schedule == "sgdr":
+        mult, k = int(o.sgdr_mult), 1
+        total = lambda n: sum(mult ** i for i in range(n))  # noqa: E731
+        while o.sgdr_period * total(k + 1) <= steps:
+            k += 1
+        o.sgdr_period = max(1, steps // total(k))
+        steps = o.sgdr_period * total(k)
+    config.ssl.ramp_steps = max(1, round(config.ssl.ramp_steps * steps / config.train.steps))
+    config.train.steps = steps
+
+
 def _periodic_eval(config, predictor, splits):
-    """Held-out F1 and MAE of the current parameters (calibrated on the training images)."""
-    evaluation.calibrate_record(config, predictor, splits)
-    s = evaluation.evaluate(config, predictor, splits, baseline=False, verbose=False)["model"]
+    """The current parameters calibrated on the calibration images (`calibration_f1`: the F1
+    of the chosen detector there) and, where there are test images, their held-out F1 and
+    MAE (records only: the test images never choose anything)."""
+    with warnings.catch_warnings():  # an early, still flat map is expected here
+        warnings.simplefilter("ignore")
+        out = {"calibration_f1": evaluation.calibrate_record(config, predictor, splits)}
+    if splits["test"] is not None:
+        s = evaluation.evaluate(config, predictor, splits, baseline=False, verbose=False)["model"]
+        out.update(eval_f1=s["f1"], eval_mae=s["mae"], eval_precision=s["precision"],
+                   eval_recall=s["recall"])
     predictor.record["detector"] = None
-    return {"eval_f1": s["f1"], "eval_mae": s["mae"], "eval_precision": s["precision"],
-            "eval_recall": s["recall"]}
+    return out
+
+
+class _Best:
+    """The step whose parameters calibrate best (`calibration_f1` of `_periodic_eval`: on the
+    held-out bands of the labeled images where `data.holdout` is set, else on the labeled
+    images themselves), kept in the model folder's `checkpoints.BEST` with its score, so that
+    a resumed run goes on comparing with it. Ties go to the later step. `use` puts the best
+    parameters into the predictor and records {'step', 'calibration_f1', 'every'} as the
+    record's 'selected' (prediction then loads them: `model_folder.load_model`)."""
+
+    def __init__(self, workdir, every, record):
+        self.workdir, self.every, self.record = workdir, every, record
+        self.step, self.score = None, -1.0
+        if every:
+            step, tree = checkpoints.restore_tree(workdir, checkpoints.BEST)
+            if step is not None:
+                self.step, self.score = step, float(tree["score"])
+
+    def offer(self, step, score, params):
+        if score < self.score:
+            return
+        self.step, self.score = step, score
+        mngr = checkpoints.manager(self.workdir, max_to_keep=1, name=checkpoints.BEST)
+        checkpoints.save(mngr, step, {"params": params, "score": np.float32(score)})
+        mngr.wait_until_finished()
+        mngr.close()
+
+    def use(self, predictor):
+        if self.step is None:
+            self.record.pop("selected", None)
+            return
+        if self.step != predictor.step:
+            _, params = checkpoints.restore_params(self.workdir, checkpoints.BEST)
+            predictor.params, predictor.step = jax.device_put(params), self.step
+        self.record["selected"] = {"step": int(self.step), "calibration_f1": self.score,
+                                   "every": self.every}
+        log(f"the parameters of step {self.step} calibrated best (F1 {100 * self.score:.2f} % "
+            f"on the calibration images): the model folder predicts with them")
 
 
 def calibrate_and_evaluate(config, predictor, splits, workdir: str):

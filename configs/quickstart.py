@@ -99,20 +99,28 @@ def get_config(arg: str = ""):
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1500
+    c.train.minutes = 0.0           # > 0: steps, SGDR periods and ramp fitted to this many
+                                    # minutes from the step rate measured after compiling
     c.train.crop = (64, 64)
     c.train.batch = 4               # labeled crops per step (global, over all devices)
     c.train.unlabeled_batch = 4
+    c.train.dot_fraction = 0.0      # probability that a labeled crop is drawn around a dot
+                                    # (sparse volumes: a few nuclei in every step)
     c.train.parallel = "pmap"       # or 'shard_map'
     c.train.log_every = 100         # metrics.jsonl, TensorBoard and a progress line
     c.train.checkpoint_every = 500
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 0                # > 0: held-out F1 and MAE every this many steps (records)
+    c.eval.every = 0                # > 0: every this many steps, calibrate (records
+                                    # calibration_f1) and score the test images (records); the
+                                    # step that calibrates best is the one prediction uses
     c.eval.radius = 5.0             # headline match radius, physical units
     c.eval.extra_radii = (3.0, 8.0)
     c.eval.detector = "auto"        # 'components', 'peaks' (local maxima), or 'auto': the
                                     # better of the two on the labeled training images
     c.eval.min_size = 1
+    c.eval.max_detections_ratio = 2.0  # calibration refuses thresholds that detect more than
+                                    # this many times the calibration images' dots
     c.eval.min_distance_fractions = (0.0, 0.5, 1.0)  # 'peaks': minimum distance between peaks
                                     # tried in calibration, in units of eval.radius (0: the
                                     # 3^ndim neighbours only)

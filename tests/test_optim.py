@@ -54,3 +54,25 @@ def test_consistency_ramp():
     assert float(optim.consistency_weight(25, 100, "linear")) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="ramp_shape"):
         optim.consistency_weight(0, 10, "step")
+
+
+def test_fit_schedule_scales_the_sgdr_periods_and_the_ramp():
+    from conftest import tiny_config
+    from cellcount_jax.train import fit_schedule
+
+    c = tiny_config()
+    c.optim.schedule, c.optim.sgdr_period, c.optim.sgdr_mult = "sgdr", 50, 2
+    c.train.steps, c.ssl.ramp_steps = 1000, 100
+    fit_schedule(c, 1000)
+    # periods 50, 100, ..., 400 end at 750; a fifth (800) does not fit: four periods
+    # stretched to end at the last step, 66 + 132 + 264 + 528 = 990
+    assert (c.optim.sgdr_period, c.train.steps) == (66, 990)
+    assert c.ssl.ramp_steps == 99
+    lr = optim.create_learning_rate_fn(c.optim, c.train.steps)
+    ends = np.cumsum([66, 132, 264, 528])
+    assert all(float(lr(e - 1)) < 1e-3 * c.optim.lr for e in ends)  # each period finishes
+    assert float(lr(ends[0])) == pytest.approx(c.optim.lr)  # and the next restarts
+    c = tiny_config()
+    c.train.steps, c.ssl.ramp_steps = 100, 10
+    fit_schedule(c, 40)  # cosine: exactly the steps
+    assert (c.train.steps, c.ssl.ramp_steps) == (40, 4)

@@ -215,7 +215,8 @@ def test_training_with_regions_of_interest(tmp_path):
          f"--test-dots={tmp_path / 'test_dots'}", f"--test-roi={tmp_path / 'test_roi'}",
          "--workdir=wd", "--config.model.features=4", "--config.train.crop=(16,16)",
          "--config.train.steps=4", "--config.train.batch=2", "--config.train.log_every=2",
-         "--config.data.holdout=0.25"],
+         "--config.data.holdout=0.25", "--config.train.minutes=0", "--config.predict.tta=False",
+         "--config.predict.zooms=(1.0,)"],
         capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "regions of interest: 1 of 2 labeled images" in out.stdout

@@ -166,3 +166,29 @@ def test_bfloat16_compute_trains_with_float32_parameters():
             out["params"], jnp.zeros((1, 16, 16, 3)))
         assert "cellcount_dnnl" in lowered.as_text()
     assert model.apply({"params": out["params"]}, jnp.zeros((1, 16, 16, 3))).dtype == jnp.float32
+
+
+def test_minutes_fit_the_steps_to_the_measured_rate_and_resume_keeps_them(tmp_path,
+                                                                         monkeypatch):
+    c = tiny_config()
+    c.train.minutes, c.train.steps, c.train.log_every = 10.0, 100, 1
+    probes = []
+
+    def probe(par, state, sample, key):
+        probes.append(sample(0)["image"].shape)
+        return 0.01, 0.0  # 0.01 steps/s: about 5 steps in what is left of 10 minutes
+
+    monkeypatch.setattr(train, "_probe", probe)
+    wd = str(tmp_path / "run")
+    predictor, _ = train.train(c, wd)
+    saved = json.load(open(os.path.join(wd, "config.json")))["train"]
+    lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    assert 3 <= saved["steps"] <= 6 and saved["minutes"] == 10.0
+    assert predictor.step == saved["steps"] == lines[-1]["step"] == len(lines)
+    assert lines[-1]["lr"] < 0.3 * c.optim.lr  # the cosine schedule of the fitted steps ended
+    assert probes == [(2, 16, 16, 3)]
+    # the same command resumes the fitted run: no new probe, the same steps
+    c = tiny_config()
+    c.train.minutes, c.train.steps = 10.0, 100
+    predictor, _ = train.train(c, wd)
+    assert predictor.step == saved["steps"] and len(probes) == 1

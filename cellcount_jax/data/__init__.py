@@ -308,7 +308,8 @@ def load(config, part=(0, 1)):
     # rot90 in the (y, x) plane only where it is a symmetry of the voxel grid.
     train = Dataset(labeled.images, labeled.dots, maps, unlabeled.images,
                     rotate=spacing[-1] == spacing[-2], crop_fn=normaliser.crop,
-                    intensity=intensity, names=labeled.names, masks=masks, stripes=stripes)
+                    intensity=intensity, names=labeled.names, masks=masks, stripes=stripes,
+                    dot_fraction=float(config.train.get("dot_fraction", 0.0) or 0.0))
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
             "calibration": calibration, "summary": text}
 
