@@ -13,7 +13,9 @@ Two count readouts:
   squares on the calibration images.
 The detection threshold (with the input zoom, `predict.zooms`) is the candidate with the best
 F1 on the labeled training images, or on held-out bands of them (`data.holdout`;
-`calibrate_record`, stored in the model folder), never chosen on the test set. Where images
+`calibrate_record`, stored in the model folder), never chosen on the test set; nearly flat
+maps and thresholds that detect far more cells than there are dots are refused, and among
+tied candidates the middle threshold is taken (`_search`). Where images
 have regions of interest, only the dots and detections inside them count. The same protocol
 applied to the image itself (channel mean) gives the `raw_threshold` baseline,
 which shows what the network adds. In a job of several processes the density maps are split
@@ -35,9 +37,20 @@ def _within(maps, dots, rois, spacing):
     the detections there."""
     rois = rois or [None] * len(maps)
     dots = [postprocess.inside(d, r) for d, r in zip(dots, rois)]
-    return dots, lambda det, t, min_size, min_distance: [
-        postprocess.inside(postprocess.detect_with(m, t, det, min_size, min_distance, spacing), r)
-        for m, r in zip(maps, rois)]
+    peaks = {}  # (map, min_distance): its maxima, the same for every threshold
+
+    def detect(det, t, min_size, min_distance):
+        out = []
+        for i, (m, r) in enumerate(zip(maps, rois)):
+            p = None
+            if det == "peaks":
+                if (i, min_distance) not in peaks:
+                    peaks[i, min_distance] = postprocess.maxima(m, min_distance, spacing)
+                p = peaks[i, min_distance]
+            out.append(postprocess.inside(
+                postprocess.detect_with(m, t, det, min_size, min_distance, spacing, p), r))
+        return out
+    return dots, detect
 
 
 def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
@@ -222,7 +235,7 @@ def calibrate_record(config, predictor, splits):
             if best is None or key > best[0]:
                 best = (key, zoom, zoom_detector, zoom_maps)
     key, predictor.record["zoom"], detector, maps = best
-    held_out = bool(config.data.get("holdout", 0.0))
+    held_out = splits.get("held_out", False)
     dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
     preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"])
     predictor.record["detector"] = {

@@ -36,17 +36,25 @@ def neighbourhood(ndim: int, min_distance: float = 0.0, spacing=None) -> np.ndar
     return ball | np.all([np.abs(o) <= 1 for o in offsets], axis=0)
 
 
-def local_maxima(density: np.ndarray, threshold: float, min_distance: float = 0.0,
-                 spacing=None):
-    """Local maxima above `threshold`: pixels equal to the maximum of the density over their
-    `neighbourhood` (the 3^ndim neighbours, and every pixel within `min_distance` in physical
-    units). A plateau of equal maxima gives one detection at its centre. Returns (n, ndim)
-    pixel coordinates."""
+def maxima(density: np.ndarray, min_distance: float = 0.0, spacing=None) -> np.ndarray:
+    """Bool map of the pixels equal to the maximum of the density over their `neighbourhood`
+    (whatever their value: `local_maxima` thresholds them)."""
     density = np.asarray(density, np.float64)
     footprint = neighbourhood(density.ndim, min_distance, spacing)
-    peaks = ndimage.maximum_filter(density, footprint=footprint, mode="constant",
-                                   cval=-np.inf) == density
-    peaks &= density > threshold
+    return ndimage.maximum_filter(density, footprint=footprint, mode="constant",
+                                  cval=-np.inf) == density
+
+
+def local_maxima(density: np.ndarray, threshold: float, min_distance: float = 0.0,
+                 spacing=None, peaks=None):
+    """Local maxima above `threshold`: pixels equal to the maximum of the density over their
+    `neighbourhood` (the 3^ndim neighbours, and every pixel within `min_distance` in physical
+    units). A plateau of equal maxima gives one detection at its centre. `peaks`: the
+    `maxima` of this density and minimum distance where already computed (calibration tries
+    many thresholds on one map). Returns (n, ndim) pixel coordinates."""
+    density = np.asarray(density, np.float64)
+    peaks = maxima(density, min_distance, spacing) if peaks is None else peaks
+    peaks = peaks & (density > threshold)
     labels, n = ndimage.label(peaks, structure=np.ones((3,) * density.ndim))
     if n == 0:
         return np.zeros((0, density.ndim), np.float32)
@@ -58,13 +66,13 @@ DETECTORS = ("components", "peaks")
 
 
 def detect_with(density: np.ndarray, threshold: float, detector: str = "components",
-                min_size: int = 1, min_distance: float = 0.0, spacing=None):
+                min_size: int = 1, min_distance: float = 0.0, spacing=None, peaks=None):
     """Detections (n, ndim) in pixels by `detector`: 'components' (`detect`) or 'peaks'
-    (`local_maxima` with `min_distance` in the units of `spacing`)."""
+    (`local_maxima` with `min_distance` in the units of `spacing`, and its `peaks`)."""
     if detector == "components":
         return detect(density, threshold, min_size)
     if detector == "peaks":
-        return local_maxima(density, threshold, min_distance, spacing)
+        return local_maxima(density, threshold, min_distance, spacing, peaks)
     raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
                      f"got {detector!r}")
 

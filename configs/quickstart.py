@@ -56,6 +56,7 @@ def get_config(arg: str = ""):
     c.data.test_roi = ""             # <stem>.csv boxes (y0,x0,y1,x1) or <stem>.tif masks
     c.data.holdout = 0.0             # > 0: this fraction of each labeled image (a band) is left
                                      # out of the supervised loss to calibrate the detector on
+    c.data.holdout_min_dots = 0      # bands with fewer dots: calibrate on the whole images
     c.data.shard_unlabeled = False   # True: row j of the unlabeled batch draws only images i
                                      # with i % train.unlabeled_batch == j, so each of N
                                      # processes reads 1/N of the unlabeled pool

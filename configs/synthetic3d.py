@@ -30,11 +30,12 @@ def get_config():
     c.target.scale = 1.0          # the reference's scale for 3D light-sheet data
     c.ssl.enabled = False         # at this budget a supervised step is 2x cheaper and as good
     c.data.holdout = 0.2          # a band of each labeled volume calibrates (and picks the step)
+    c.data.holdout_min_dots = 20  # unless it holds fewer dots: then the whole volume does
     c.train.crop = (16, 64, 64)
     c.train.batch = 2
     c.train.unlabeled_batch = 2
     c.train.dot_fraction = 0.5    # half the crops around a nucleus: sparse volumes still train
-    c.train.steps = 1200
+    c.train.steps = 800
     c.train.checkpoint_every = 200
     c.eval.every = 200            # calibrate every 200 steps; predict with the best step
     c.eval.radius = 4.0           # physical units (xy pixels)

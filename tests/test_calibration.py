@@ -134,3 +134,28 @@ def test_the_best_calibrating_step_is_kept_and_predicted_with(tmp_path, monkeypa
 def jax_leaves(tree):
     import jax
     return jax.tree.leaves(tree)
+
+
+def test_bands_with_too_few_dots_leave_calibration_to_the_whole_images():
+    from cellcount_jax import data
+    from cellcount_jax.data import Split
+    c = tiny_config()
+    c.data.holdout, c.data.holdout_min_dots = 0.25, 10
+    dots = np.stack(np.meshgrid(np.arange(4, 64, 8), np.arange(4, 64, 8)), -1).reshape(-1, 2)
+    labeled = Split([np.zeros((64, 64, 1), np.float32)], [dots.astype(np.float32)], ["a"])
+    masks, cal = data.calibration_split(c, labeled)  # a band of 16 px: 16 of the 64 dots
+    assert cal is not labeled and masks[0].sum() == 48 * 64
+    labeled.dots = [labeled.dots[0][:9]]  # at most 9 dots in the band
+    with pytest.warns(UserWarning, match="would hold only"):
+        masks, cal = data.calibration_split(c, labeled)
+    assert cal is labeled and masks is None
+
+
+def test_crops_are_cut_to_the_smallest_image():
+    c = tiny_config()
+    c.train.crop = (128, 128)
+    images = [np.zeros((100, 300, 1), np.float32), np.zeros((200, 90, 1), np.float32)]
+    ds = Dataset(images, [np.zeros((0, 2))] * 2, [np.zeros(im.shape[:-1]) for im in images])
+    assert train._fit_crop(c, ds) == (96, 88)
+    c.train.crop = (64, 64)
+    assert train._fit_crop(c, ds) == (64, 64)

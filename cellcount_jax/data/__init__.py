@@ -259,7 +259,8 @@ def _intensity(config):
 def load(config, part=(0, 1)):
     """Reads, normalises and prepares config.data: {'train': Dataset, 'test': Split or None,
     'spacing': tuple, 'normaliser': Normaliser fitted on the training pool, 'calibration':
-    Split of the images (and regions) the detector is calibrated on, 'summary': str}.
+    Split of the images (and regions) the detector is calibrated on, 'held_out': whether those
+    are held-out bands (`calibration_split`), 'summary': str}.
     Test images are normalised like training images; the test split is None when a folder
     source names none.
 
@@ -311,7 +312,7 @@ def load(config, part=(0, 1)):
                     intensity=intensity, names=labeled.names, masks=masks, stripes=stripes,
                     dot_fraction=float(config.train.get("dot_fraction", 0.0) or 0.0))
     return {"train": train, "test": test, "spacing": spacing, "normaliser": normaliser,
-            "calibration": calibration, "summary": text}
+            "calibration": calibration, "held_out": masks is not labeled.rois, "summary": text}
 
 
 def _stripes(config) -> int:
@@ -373,7 +374,8 @@ def calibration_split(config, labeled: Split):
     config.data.holdout 0: the labeled images themselves (within their regions of interest).
     In (0, 1): a band of that fraction of each labeled image's region of interest is left out
     of the supervised loss and the threshold is chosen there, on pixels the network has not
-    fitted."""
+    fitted; where the bands would hold fewer than `data.holdout_min_dots` dots, the labeled
+    images themselves, with a warning."""
     fraction = float(config.data.get("holdout", 0.0) or 0.0)
     if fraction == 0:
         return labeled.rois, labeled
@@ -394,6 +396,13 @@ def calibration_split(config, labeled: Split):
         masks.append(roi & ~band)
         held.append(roi & band)
     n = sum(len(inside(d, h)) for d, h in zip(labeled.dots, held))
+    least = int(config.data.get("holdout_min_dots", 0) or 0)
+    if n < least:
+        warnings.warn(f"the held-out calibration bands ({fraction:g} of the labeled images) "
+                      f"would hold only {n} dots (config.data.holdout_min_dots: {least}): "
+                      f"calibrating on the whole labeled images instead; dot more cells or "
+                      f"raise config.data.holdout", stacklevel=2)
+        return labeled.rois, labeled
     if n < 10:
         warnings.warn(f"the held-out calibration bands hold only {n} dots: the detector "
                       f"threshold will be poorly determined; raise config.data.holdout",
