@@ -283,7 +283,8 @@ def train(config, workdir: str, allow_config_change: bool = False):
     batch, all save the checkpoints together, and process 0 alone prints and writes the model
     folder and the records. On SIGTERM (any process) or a TPU maintenance event, every
     process saves the state of the same step and returns early: `predictor.step` is then
-    below config.train.steps, and the same call resumes."""
+    below config.train.steps without a 'selected' step in its record, and the same call
+    resumes."""
     lead = distributed.is_lead()
     t_start = time.perf_counter()
     minutes = float(config.train.get("minutes", 0) or 0)
@@ -585,7 +586,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     """Trains into the model folder `workdir`, calibrates, evaluates; returns the summary
     (None when the run was stopped early by SIGTERM or a preemption, to be resumed)."""
     predictor, splits = train(config, workdir, allow_config_change)
-    if predictor.step < config.train.steps:
+    # Stopped early: below the last step without a best step chosen (a finished run with
+    # `eval.every` may predict with an earlier step, recorded as 'selected').
+    if predictor.step < config.train.steps and "selected" not in predictor.record:
         return None
     return calibrate_and_evaluate(config, predictor, splits, workdir)
 

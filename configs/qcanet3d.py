@@ -2,7 +2,8 @@
 test on the 16-cell-stage volume, with the general 3D recipe of configs/folder3d.py and
 nothing tuned to this set but its voxel size and nucleus size. Dots are the centroids of the
 manual nucleus-detection masks (images_ndn), as the paper turns full annotations into dots.
-Supervised (there is no unlabeled volume). Voxel spacing z:y:x = 2.1875:1:1 (1.75 um z
+Supervised (there is no unlabeled volume); a fifth of the 8-cell volume would hold one or two
+nuclei, so the detector is calibrated on the whole volume (`data.holdout_min_dots`). Voxel spacing z:y:x = 2.1875:1:1 (1.75 um z
 steps, 0.8 um pixels).
 
     python launch.py --config=configs/qcanet3d.py --workdir=workdir/qcanet3d
@@ -13,7 +14,7 @@ The same as the general recipe on the folder:
         --config.data.spacing="(2.1875,1.0,1.0)" --config.eval.radius=8.0 \
         --config.eval.extra_radii="(5.0,12.0)" --workdir=workdir/qcanet3d
 
-Expected (seed 0, 2-core CPU): the README's results table.
+Expected (seeds 0-4, 2-core CPU): the README's results table.
 """
 from cellcount_jax.configs import folder3d
 

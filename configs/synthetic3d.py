@@ -1,14 +1,19 @@
 """3D, in the shape of the paper's Table 3: one labeled volume + unlabeled volumes, evaluated
 on held-out volumes. Synthetic light-sheet-like nuclei: anisotropic voxels (z step twice the
 pixel size), dense and touching, ~500-700 nuclei per 48x128x128 volume. This is the general
-3D recipe (configs/folder3d.py runs it on your own volumes): the reference 3D recipe
-(per-crop standardisation, target_scale 1, focal-consistency SSL) with each volume normalised
-by its own 1 and 99.8 % percentiles instead of its min and max, and intensity augmentation.
-The reference's normalisation: --config.data.normalise=minmax and the augment.* fields 0.
+3D recipe (configs/folder3d.py runs it on your own volumes): 8 base features, 16x64x64 crops,
+target scale 1, each volume normalised by its own 1 and 99.8 % percentiles with intensity
+augmentation; supervised steps of 2 crops, half of them drawn around a dot (so that sparse
+volumes still show nuclei every step); a band of a fifth of each labeled volume held out to
+calibrate the detector (the whole volume where the band would hold fewer than 20 dots), every
+200 steps, and the step that calibrates best is the one the model folder keeps; prediction
+averages the volume's flips.
+The reference's normalisation: --config.data.normalise=minmax and the augment.* fields 0;
+focal-consistency SSL on the unlabeled volumes: --config.ssl.enabled=True.
 
     python launch.py --config=configs/synthetic3d.py --workdir=workdir/synthetic3d
 
-Expected (seed 0, 2-core CPU): the README's results table.
+Expected (seeds 0-4, 2-core CPU): the README's results table.
 """
 from cellcount_jax.configs import folder2d, quickstart
 

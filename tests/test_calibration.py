@@ -111,8 +111,10 @@ def test_the_best_calibrating_step_is_kept_and_predicted_with(tmp_path, monkeypa
     wd = str(tmp_path / "run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        predictor, splits = train.train(c, wd)
-    assert predictor.step == 4
+        summary = train.train_and_evaluate(c, wd)
+    # an earlier step chosen is not a run stopped early: it is calibrated and scored
+    assert summary is not None and summary["step"] == 4
+    assert json.load(open(os.path.join(wd, "eval.json")))["step"] == 4
     lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
     assert [l["calibration_f1"] for l in lines] == [0.5, 0.9, 0.7]
     record = json.load(open(os.path.join(wd, "inference.json")))

@@ -280,3 +280,16 @@ def test_configs_by_name_and_the_default_for_your_own_images():
     from cellcount_jax.configs import folder2d, folder3d
     assert folder2d.get_config().data.normalise == "percentile"
     assert folder3d.get_config().data.ndim == 3 and folder3d.get_config().augment.gamma > 0
+
+
+def test_shipped_3d_model_counts_synthetic_nuclei():
+    """`pretrained/synthetic3d` (configs/synthetic3d.py, seed 0) on a new volume of the same
+    kind: it predicts with its best calibrating step and finds the nuclei."""
+    from cellcount_jax import metrics
+    model = load_model(os.path.join(ROOT, "pretrained", "synthetic3d"))
+    assert model.step == model.record["selected"]["step"] and model.cell_diameter > 0
+    img, dots = synthetic_image(1234, shape=(24, 64, 64), spacing=(2.0, 1.0, 1.0), channels=1,
+                                num_cells=(40, 60), radius=4.0)
+    cells = model.detect(img[..., 0])
+    scores = metrics.evaluate_points([cells.pixels], [dots], 4.0, (2.0, 1.0, 1.0))
+    assert scores["f1"] > 0.75, scores
