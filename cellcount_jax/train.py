@@ -461,7 +461,9 @@ def _previous_fit(workdir, minutes):
     """(steps, sgdr_period, ramp_steps) of a run in `workdir` fitted to the same `minutes`
     that has checkpoints to resume from, else None."""
     path = os.path.join(workdir, model_folder.CONFIG)
-    if not (os.path.exists(path) and checkpoints.restore_tree(workdir)[0]):
+    ckpts = checkpoints.directory(workdir)
+    if not (os.path.exists(path) and os.path.isdir(ckpts)
+            and any(n.isdigit() for n in os.listdir(ckpts))):
         return None
     old = model_folder.read_config(workdir)
     if float(old.train.get("minutes", 0) or 0) != minutes:
