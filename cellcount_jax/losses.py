@@ -1,9 +1,10 @@
 """Losses as pure functions, chosen by name in the config.
 
-Supervised losses: `fn(pred, target) -> scalar`, both (batch, *spatial). Where the labeled
-images have regions of interest (or a held-out calibration band) the step calls
-`fn(pred, target, mask=mask, axis_name=axis_name)` with a 0/1 mask of the same shape: the loss
-must then ignore the pixels where it is 0.
+Supervised losses: `fn(pred, target, **options) -> scalar`, both (batch, *spatial), with the
+keyword options of config.loss.supervised_options. A loss that takes `mask=` and `axis_name=`
+is always given the device axis name, and where the labeled images have regions of interest
+(or a held-out calibration band) a 0/1 `mask` of the same shape: the loss must then ignore
+the pixels where it is 0.
 Consistency losses: `fn(student, teacher, *, axis_name=None, **options) -> scalar`, both
 (batch, *spatial); the teacher output is already under `stop_gradient`. Under `pmap` or
 `shard_map` the step passes the device `axis_name`: a loss whose normaliser is not a fixed
@@ -23,15 +24,35 @@ import numpy as np
 from cellcount_jax.errors import InputError
 
 
-def mse(pred, target, *, mask=None, axis_name=None):
-    """Pixel mean squared error against the (already scaled) target map; with a `mask`, the
-    mean over the masked pixels of the global batch."""
+def _mean(x, mask=None, axis_name=None):
+    """The mean of x over its pixels, or over the masked pixels of the global batch."""
     if mask is None:
-        return jnp.mean((pred - target) ** 2)
+        return jnp.mean(x)
     count = jnp.sum(mask)
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name) / jax.lax.psum(1, axis_name)
-    return jnp.sum(mask * (pred - target) ** 2) / jnp.maximum(count, 1.0)
+    return jnp.sum(mask * x) / jnp.maximum(count, 1.0)
+
+
+def mse(pred, target, *, mask=None, axis_name=None):
+    """Pixel mean squared error against the (already scaled) target map; with a `mask`, the
+    mean over the masked pixels of the global batch."""
+    return _mean((pred - target) ** 2, mask, axis_name)
+
+
+def peak_weighted_mse(pred, target, *, mask=None, axis_name=None, weight: float = 10.0,
+                      power: float = 2.0):
+    """`mse` with each pixel's squared error weighted by 1 + weight * (target / peak)^power,
+    where peak is the largest target value of the global batch (a dot's value): the few
+    pixels at and around each dot, where touching cells are told apart, count as much as the
+    slowly varying background between cells. weight 0 is `mse`. Select it with
+    config.loss.supervised='peak_weighted_mse' and its options in
+    config.loss.supervised_options."""
+    peak = jnp.max(target)
+    if axis_name is not None:
+        peak = jax.lax.pmax(peak, axis_name)
+    w = 1.0 + weight * (target / jnp.maximum(peak, 1e-12)) ** power
+    return _mean(w * (pred - target) ** 2, mask, axis_name)
 
 
 def _max_filter_3(x):

@@ -76,7 +76,8 @@ def get_config(arg: str = ""):
     c.target.sigma = 2.0                 # gaussian only, physical units
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.supervised = "mse"
+    c.loss.supervised = "mse"            # or 'peak_weighted_mse' (losses.peak_weighted_mse)
+    c.loss.supervised_options = ml_collections.ConfigDict()  # keyword arguments of that loss
     c.loss.consistency = "focal_consistency"
     c.loss.consistency_options = ml_collections.ConfigDict({"peaks": "reference", "threshold": 0.0})
 

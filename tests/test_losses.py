@@ -62,6 +62,21 @@ def test_mse():
     assert float(losses.mse(jnp.array([[1.0, 3.0]]), jnp.array([[0.0, 0.0]]))) == 5.0
 
 
+def test_peak_weighted_mse_by_hand():
+    pred = jnp.array([[0.0, 1.0], [2.0, 0.0]])
+    target = jnp.array([[4.0, 2.0], [0.0, 1.0]])  # peak 4: weights 1 + 10 (t / 4)^2
+    w = 1 + 10 * np.array([[1.0, 0.25], [0.0, 1 / 16]])
+    err = np.array([[16.0, 1.0], [4.0, 1.0]])
+    assert np.isclose(float(losses.peak_weighted_mse(pred, target)), np.mean(w * err))
+    mask = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+    assert np.isclose(float(losses.peak_weighted_mse(pred, target, mask=mask)),
+                      (w * err)[np.asarray(mask) > 0].sum() / 3)
+    assert np.isclose(float(losses.peak_weighted_mse(pred, target, weight=0.0)),
+                      float(losses.mse(pred, target)))
+    assert np.isclose(float(losses.peak_weighted_mse(pred, target, power=1.0)),
+                      np.mean((1 + 10 * np.asarray(target) / 4) * err))
+
+
 def custom_l1(pred, target):
     return jnp.mean(jnp.abs(pred - target))
 
