@@ -22,6 +22,7 @@ which shows what the network adds. In a job of several processes the density map
 across them; every process gets the same scores and process 0 prints and writes them.
 """
 import csv
+import itertools
 import os
 import warnings
 
@@ -34,12 +35,13 @@ from cellcount_jax.model_folder import write_json
 
 def _within(maps, dots, rois, spacing):
     """Dots restricted to their regions of interest, and a detector of maps that keeps only
-    the detections there."""
+    the detections there: `detect(det, t, min_size, min_distance, splits)` gives, for each
+    split ratio in `splits`, the detections of every map."""
     rois = rois or [None] * len(maps)
     dots = [postprocess.inside(d, r) for d, r in zip(dots, rois)]
     peaks = {}  # (map, min_distance): its maxima, the same for every threshold
 
-    def detect(det, t, min_size, min_distance):
+    def detect(det, t, min_size, min_distance, splits=(0.0,)):
         out = []
         for i, (m, r) in enumerate(zip(maps, rois)):
             p = None
@@ -47,23 +49,25 @@ def _within(maps, dots, rois, spacing):
                 if (i, min_distance) not in peaks:
                     peaks[i, min_distance] = postprocess.maxima(m, min_distance, spacing)
                 p = peaks[i, min_distance]
-            out.append(postprocess.inside(
-                postprocess.detect_with(m, t, det, min_size, min_distance, spacing, p), r))
-        return out
+            found = postprocess.detect_with(m, t, det, min_size, min_distance, spacing, p)
+            out.append([postprocess.inside(q, r) for q in
+                        postprocess.split_heavy_each(m, found, t, splits, spacing)])
+        return [list(per_split) for per_split in zip(*out)]
     return dots, detect
 
 
 def calibrate(maps, dots, candidates, radius, spacing=None, detector="components", min_size=1,
-              rois=None, min_distances=(0.0,), max_ratio=None, peak=None):
-    """The detector {'name', 'threshold', 'min_distance'} with the best pooled F1 (then lowest
-    MAE) on (maps, dots), within `rois` (bool masks or None per map) where given.
+              rois=None, min_distances=(0.0,), max_ratio=None, peak=None, splits=(0.0,)):
+    """The detector {'name', 'threshold', 'min_distance', 'split'} with the best pooled F1
+    (then lowest MAE) on (maps, dots), within `rois` (bool masks or None per map) where given.
 
     detector 'auto' tries 'components' and 'peaks'; 'peaks' is tried with each of
-    `min_distances` (physical units); the data are the labeled training images (or their
-    held-out bands). Degenerate candidates are refused (`_search`: `max_ratio`, `peak`).
+    `min_distances` (physical units); each with each of `splits` (`postprocess.split_heavy`'s
+    ratio; 0: no split); the data are the labeled training images (or their held-out bands).
+    Degenerate candidates are refused (`_search`: `max_ratio`, `peak`).
     """
     return _search(maps, dots, candidates, radius, spacing, detector, min_size, rois,
-                   min_distances, max_ratio, peak)[1]
+                   min_distances, max_ratio, peak, splits=splits)[1]
 
 
 FLAT = 0.05           # a map whose robust range is below this fraction of the targets' peak
@@ -79,14 +83,15 @@ def flat(maps, peak: float) -> bool:
 
 
 def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, min_distances,
-            max_ratio=None, peak=None, what="the density maps"):
+            max_ratio=None, peak=None, what="the density maps", splits=(0.0,)):
     """((F1, -MAE), detector) of `calibrate`'s choice, or (None, None) when every candidate is
     refused.
 
     Refused, with a warning that says what to do: maps that are nearly flat (`flat`, with the
     targets' `peak`), and candidates that detect more than `max_ratio` times as many cells as
     the maps have dots (a threshold in the background: it may still match every dot of a
-    sparse image). Among the candidates that tie for the best score (few dots give many ties),
+    sparse image). Each candidate is tried with each of `splits` (`postprocess.split_heavy`'s
+    ratios). Among the candidates that tie for the best score (few dots give many ties),
     the middle one of each detector's tied thresholds is taken, not the lowest: it is the
     furthest from a threshold where the count changes.
     """
@@ -100,9 +105,9 @@ def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, m
     n_dots = sum(len(d) for d in dots)
     results, refused = [], []
     for det in (postprocess.DETECTORS if detector == "auto" else (detector,)):
-        for md in (min_distances if det == "peaks" else (0.0,)):
-            for t in candidates:
-                preds = detect(det, t, min_size, md)
+        for md, t in itertools.product(min_distances if det == "peaks" else (0.0,),
+                                       candidates):
+            for split, preds in zip(splits, detect(det, t, min_size, md, splits)):
                 n = sum(len(p) for p in preds)
                 r = metrics.evaluate_points(preds, dots, radius, spacing)
                 key = (r["f1"], -r["mae"])
@@ -110,7 +115,7 @@ def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, m
                     refused.append((key, det, float(t), n))
                     continue
                 results.append((key, {"name": det, "threshold": float(t),
-                                      "min_distance": float(md)}))
+                                      "min_distance": float(md), "split": float(split)}))
     best_key = max((k for k, _ in results), default=None)
     better = [r for r in refused if best_key is None or r[0] > best_key]
     if better:  # a refused candidate would have been chosen
@@ -127,8 +132,8 @@ def _search(maps, dots, candidates, radius, spacing, detector, min_size, rois, m
         return None, None
     tied = [d for k, d in results if k == best_key]
     first = tied[0]
-    same = [d for d in tied if (d["name"], d["min_distance"]) == (first["name"],
-                                                                  first["min_distance"])]
+    kind = lambda d: (d["name"], d["min_distance"], d["split"])  # noqa: E731
+    same = [d for d in tied if kind(d) == kind(first)]
     return best_key, same[(len(same) - 1) // 2]
 
 
@@ -148,13 +153,13 @@ def corrected_count(points, crowd, spacing=None) -> float:
 
 
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
-          mass_per_dot=None, rois=None, min_distance=0.0, crowd=None):
+          mass_per_dot=None, rois=None, min_distance=0.0, crowd=None, split=0.0):
     """Scores at each radius in `radii` (the first is the headline) plus per-image rows; with
     `rois`, of the dots and detections inside each image's region of interest (and the
     integration count of the map's mass there); with `crowd` (`crowding`), the corrected
     count's MAE too."""
     dots, detect = _within(maps, dots, rois, spacing)
-    preds = detect(detector, threshold, min_size, min_distance)
+    preds = detect(detector, threshold, min_size, min_distance, (split,))[0]
     out = metrics.evaluate_points(preds, dots, radii[0], spacing)
     out["threshold"] = threshold
     out["by_radius"] = {str(r): metrics.evaluate_points(preds, dots, r, spacing) for r in radii}
@@ -181,6 +186,11 @@ def score(maps, dots, threshold, radii, spacing=None, detector="components", min
 def _min_distances(ev):
     """The peak detector's minimum distances to try, in physical units."""
     return float(ev.radius) * np.asarray(ev.get("min_distance_fractions", (0.0,)))
+
+
+def _splits(ev):
+    """The ratios of `postprocess.split_heavy` to try (0: no split)."""
+    return tuple(float(r) for r in (ev.get("split_ratios") or (0.0,)))
 
 
 def _maps(predictor, images):
@@ -215,12 +225,13 @@ def calibrate_record(config, predictor, splits):
     max_ratio = float(ev.get("max_detections_ratio", 0.0) or 0.0) or None
     args = (candidates, float(ev.radius), splits["spacing"], ev.detector, ev.min_size, cal.rois,
             _min_distances(ev))
+    ratios = _splits(ev)
     best, degenerate = None, False
     for zoom in zooms(config):
         predictor.record["zoom"] = zoom
         zoom_maps = _maps(predictor, cal.images)
         key, zoom_detector = _search(zoom_maps, cal.dots, *args, max_ratio, peak,
-                                     f"the density maps at input zoom {zoom:g}")
+                                     f"the density maps at input zoom {zoom:g}", ratios)
         if key is not None and (best is None or key > best[0]):
             best = (key, zoom, zoom_detector, zoom_maps)
     if best is None:  # every candidate refused: keep the best one, marked
@@ -231,13 +242,14 @@ def calibrate_record(config, predictor, splits):
         for zoom in zooms(config):
             predictor.record["zoom"] = zoom
             zoom_maps = _maps(predictor, cal.images)
-            key, zoom_detector = _search(zoom_maps, cal.dots, *args)
+            key, zoom_detector = _search(zoom_maps, cal.dots, *args, splits=ratios)
             if best is None or key > best[0]:
                 best = (key, zoom, zoom_detector, zoom_maps)
     key, predictor.record["zoom"], detector, maps = best
     held_out = splits.get("held_out", False)
     dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
-    preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"])
+    preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"],
+                   (detector["split"],))[0]
     predictor.record["detector"] = {
         **detector, "min_size": int(ev.min_size), "radius": float(ev.radius),
         "crowding": crowding(preds, dots, 2 * float(ev.radius), splits["spacing"]),
@@ -267,7 +279,8 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     mass = predictor.record["target"]["mass_per_dot"]
     model_scores, preds, rows = score(test_maps, test.dots, d["threshold"], radii, spacing,
                                       d["name"], d["min_size"], mass, test.rois,
-                                      d.get("min_distance", 0.0), d.get("crowding"))
+                                      d.get("min_distance", 0.0), d.get("crowding"),
+                                      d.get("split", 0.0))
     model_scores["detector"] = d["name"]
     summary = {"model": model_scores}
     if baseline:

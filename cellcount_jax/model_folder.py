@@ -321,7 +321,8 @@ class Predictor:
         self._check_calibrated()
         d = self.record["detector"]
         return postprocess.detect_with(density, d["threshold"], d["name"], d.get("min_size", 1),
-                                       d.get("min_distance", 0.0), self.spacing)
+                                       d.get("min_distance", 0.0), self.spacing,
+                                       split=d.get("split", 0.0))
 
     def corrected_count(self, detections: int, pairs: float) -> float:
         """The count of `detections` with `pairs` close pairs among them (`close_pairs` at the

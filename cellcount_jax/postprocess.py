@@ -62,19 +62,70 @@ def local_maxima(density: np.ndarray, threshold: float, min_distance: float = 0.
     return np.asarray(centres, np.float32).reshape(-1, density.ndim)
 
 
+MIN_FOR_SPLIT = 5   # `split_heavy` needs this many detections to know a typical one
+
+
+def split_heavy(density: np.ndarray, points, threshold: float, ratio: float, spacing=None):
+    """Detections whose share of the map's mass is that of two cells, each split in two.
+
+    Every pixel above `threshold` belongs to its nearest detection (physical distance); a
+    detection's mass is the density summed over its pixels. Where that mass exceeds `ratio`
+    times the median mass of the map's detections (the typical single cell), the detection is
+    taken for two touching cells that the map did not separate: it is replaced by two points
+    on its mass's longest principal axis, at the centre +- sqrt(lambda - median lambda) (lambda:
+    that axis's variance, in physical units squared), i.e. two cells of the typical spread whose
+    union has the spread seen. ratio <= 0, or fewer than MIN_FOR_SPLIT detections, returns the
+    points as they are. Returns (m, ndim) pixel coordinates."""
+    return split_heavy_each(density, points, threshold, (ratio,), spacing)[0]
+
+
+def split_heavy_each(density: np.ndarray, points, threshold: float, ratios, spacing=None):
+    """`split_heavy` for each of `ratios` (a list of (m, ndim) arrays), the masses and
+    moments computed once."""
+    points = np.asarray(points, np.float64).reshape(-1, density.ndim)
+    n = len(points)
+    if n < MIN_FOR_SPLIT or all(r <= 0 for r in ratios):
+        return [points.astype(np.float32) for _ in ratios]
+    scale = np.ones(density.ndim) if spacing is None else np.asarray(spacing, np.float64)
+    mask = density > threshold
+    x = np.argwhere(mask) * scale
+    w = np.asarray(density, np.float64)[mask]
+    own = cKDTree(points * scale).query(x)[1]
+    mass = np.bincount(own, w, n)
+    safe = np.maximum(mass, 1e-30)[:, None]
+    mean = np.stack([np.bincount(own, w * x[:, a], n) for a in range(x.shape[1])], 1) / safe
+    d = x - mean[own]
+    cov = np.stack([np.stack([np.bincount(own, w * d[:, a] * d[:, b], n)
+                              for b in range(x.shape[1])], -1) for a in range(x.shape[1])], -2)
+    lam, vec = np.linalg.eigh(cov / safe[..., None])
+    half = np.sqrt(np.maximum(lam[:, -1] - np.median(lam[:, -1]), 0.0))[:, None]
+    ends = [(mean + half * vec[:, :, -1]) / scale, (mean - half * vec[:, :, -1]) / scale]
+    out = []
+    for ratio in ratios:
+        heavy = mass > ratio * np.median(mass) if ratio > 0 else np.zeros(n, bool)
+        out.append(np.concatenate([points[~heavy], ends[0][heavy], ends[1][heavy]])
+                   .astype(np.float32))
+    return out
+
+
 DETECTORS = ("components", "peaks")
 
 
 def detect_with(density: np.ndarray, threshold: float, detector: str = "components",
-                min_size: int = 1, min_distance: float = 0.0, spacing=None, peaks=None):
+                min_size: int = 1, min_distance: float = 0.0, spacing=None, peaks=None,
+                split: float = 0.0):
     """Detections (n, ndim) in pixels by `detector`: 'components' (`detect`) or 'peaks'
-    (`local_maxima` with `min_distance` in the units of `spacing`, and its `peaks`)."""
+    (`local_maxima` with `min_distance` in the units of `spacing`, and its `peaks`); with
+    `split` > 0, those holding more than `split` times a typical detection's mass are split in
+    two (`split_heavy`)."""
     if detector == "components":
-        return detect(density, threshold, min_size)
-    if detector == "peaks":
-        return local_maxima(density, threshold, min_distance, spacing, peaks)
-    raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
-                     f"got {detector!r}")
+        points = detect(density, threshold, min_size)
+    elif detector == "peaks":
+        points = local_maxima(density, threshold, min_distance, spacing, peaks)
+    else:
+        raise InputError(f"config.eval.detector must be one of {DETECTORS} or 'auto', "
+                         f"got {detector!r}")
+    return split_heavy(density, points, threshold, split, spacing) if split > 0 else points
 
 
 def inside(points, roi):

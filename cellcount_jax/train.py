@@ -72,7 +72,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
     Without 'unlabeled' the step is supervised only (w = 0, no teacher pass). The teacher is
     the current parameters under `stop_gradient` (or their EMA when `ssl.ema_decay` > 0),
     deterministic and without noise. The student sees [labeled; unlabeled] in one forward pass
-    with attention dropout on and feature noise on the unlabeled rows.
+    with attention dropout on and feature noise on the unlabeled rows (and, where the config
+    asks, their intensities perturbed, `ssl.student_intensity`, and their features' channels
+    dropped, `ssl.feature_dropout`).
     rng: a key shared by all devices; per step it is `fold_in(rng, step)`, so a resumed run
     draws the same numbers.
     """
@@ -100,6 +102,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
             w = ssl.get("weight", 1.0) * optim.consistency_weight(state["step"], ssl.ramp_steps,
                                                                   ssl.ramp_shape)
             x = jnp.concatenate([x, batch["unlabeled"]], axis=0)
+            # the student's own view of the unlabeled crops (per-device draws, as dropout's)
+            x = perturb.intensity(jax.random.fold_in(dropout_rng, 2), x, n_labeled,
+                                  ssl.get("student_intensity", 0.0))
         else:
             w = jnp.zeros((), jnp.float32)
 
@@ -109,6 +114,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
             if use_ssl:
                 feats = perturb.feature_noise(noise_rng, feats, n_labeled, ssl.noise_rate,
                                               ssl.noise_at)
+                feats = perturb.feature_dropout(
+                    jax.random.fold_in(dropout_rng, 1), feats, n_labeled,
+                    ssl.get("feature_dropout", 0.0), ssl.noise_at)
             out = model.apply({"params": params}, feats, method=models.SAUNet.decode)
             if "mask" in batch:
                 if not takes_mask:
@@ -586,6 +594,8 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     if lead:
         model_folder.write_record(workdir, predictor.record)
     between = f", peaks at least {d['min_distance']:.3g} apart" if d["min_distance"] else ""
+    if d.get("split"):
+        between += f", split where a detection holds {d['split']:g}x a typical one's mass"
     zoom = f", input zoom {predictor.zoom:g}" if len(evaluation.zooms(config)) > 1 else ""
     log(f"detector {d['name']}, threshold {d['threshold']:.4g}{between}{zoom}, saved in "
         f"{workdir}/{model_folder.RECORD}")

@@ -5,8 +5,9 @@
 
 The general 3D recipe of configs/synthetic3d.py (16 base features, 16x64x64 crops, target
 scale 1, the peak-weighted squared error, each volume normalised by its own 1 and 99.8 %
-percentiles, intensity augmentation, supervised, half the crops around a dot, calibration on held-out bands, the best calibrating
-step kept, flips at prediction). Set `data.spacing` to your voxel size (z, y, x) and
+percentiles, intensity augmentation, supervised, half the crops around a dot, calibration on
+held-out bands, the best calibrating step kept, detections holding the mass of two nuclei
+split in two where that calibrates better, flips at prediction). Set `data.spacing` to your voxel size (z, y, x) and
 `eval.radius` to about one nucleus radius, in the same units: it is the match radius of the
 scores and sets the peak detector's minimum distances.
 """

@@ -89,6 +89,10 @@ def get_config(arg: str = ""):
     c.ssl.ramp_steps = 150
     c.ssl.ramp_shape = "exp"
     c.ssl.ema_decay = 0.0           # 0: the teacher is the current parameters (paper)
+    c.ssl.student_intensity = 0.0   # > 0: the student's unlabeled crops get contrast, shift and
+                                    # noise of this strength (perturb.intensity); the teacher's not
+    c.ssl.feature_dropout = 0.0     # > 0: channel dropout of the student's unlabeled features
+                                    # (perturb.feature_dropout, where ssl.noise_at says)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"           # or 'adamw' (reference: weight_decay 1.0 = lr_t decay)
@@ -126,6 +130,9 @@ def get_config(arg: str = ""):
     c.eval.min_distance_fractions = (0.0, 0.5, 1.0)  # 'peaks': minimum distance between peaks
                                     # tried in calibration, in units of eval.radius (0: the
                                     # 3^ndim neighbours only)
+    c.eval.split_ratios = (0.0,)    # calibration tries each: a detection holding more than this
+                                    # many times the typical detection's mass is split in two
+                                    # (postprocess.split_heavy; 0: never)
     c.eval.threshold_fractions = tuple(float(f) for f in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                                           0.4, 0.45, 0.5, 0.6, 0.7, 0.8])
 

@@ -9,7 +9,9 @@ augmentation; supervised steps of 2 crops, half of them drawn around a dot (so t
 volumes still show nuclei every step); a band of a fifth of each labeled volume held out to
 calibrate the detector (the whole volume where the band would hold fewer than 20 dots), every
 200 steps (without flips), and the step that calibrates best is the one the model folder
-keeps; prediction averages the volume's flips.
+keeps; calibration may also split a detection that holds 1.4-1.8 times a typical detection's
+mass into two (touching nuclei that the map merged: postprocess.split_heavy); prediction
+averages the volume's flips.
 The earlier recipe (8 features, plain squared error): --config.model.features=8
 --config.loss.supervised_options.weight=0.
 The reference's normalisation: --config.data.normalise=minmax and the augment.* fields 0;
@@ -53,5 +55,6 @@ def get_config():
     c.eval.every = 200            # calibrate every 200 steps; predict with the best step
     c.eval.radius = 4.0           # physical units (xy pixels)
     c.eval.extra_radii = (2.0, 6.0)
+    c.eval.split_ratios = (0.0, 1.4, 1.5, 1.6, 1.8)  # touching nuclei the map merges: split
     c.predict.tta = True          # the mean of the 16 flips (8 where z and y, x differ)
     return c

@@ -161,3 +161,19 @@ def test_crops_are_cut_to_the_smallest_image():
     assert train._fit_crop(c, ds) == (96, 88)
     c.train.crop = (64, 64)
     assert train._fit_crop(c, ds) == (64, 64)
+
+
+def test_calibration_chooses_to_split_merged_cells():
+    # 6 lone cells and 3 pairs of cells 2.2 apart that the map merges into one maximum each
+    lone = [(6.0, 6.0), (6.0, 30.0), (30.0, 6.0), (30.0, 30.0), (18.0, 6.0), (6.0, 18.0)]
+    pairs = [(18.0, 16.9), (18.0, 19.1), (30.0, 16.9), (30.0, 19.1), (42.0, 16.9), (42.0, 19.1)]
+    dots = np.array(lone + pairs)
+    m = bumps((48, 40), dots, [1.0] * len(dots), sigma=1.5)
+    plain = evaluation.calibrate([m], [dots], [0.3, 0.5], 1.5, detector="peaks")
+    assert plain["split"] == 0.0
+    chosen = evaluation.calibrate([m], [dots], [0.3, 0.5], 1.5, detector="peaks",
+                                  splits=(0.0, 1.5))
+    assert chosen["split"] == 1.5
+    _, preds, _ = evaluation.score([m], [dots], chosen["threshold"], [1.5], detector="peaks",
+                                   split=chosen["split"])
+    assert len(preds[0]) == len(dots)

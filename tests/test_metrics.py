@@ -59,3 +59,46 @@ def test_evaluate_points_pools_counts():
     assert r["recall"] == pytest.approx(3 / 5)
     assert r["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert r["mae"] == pytest.approx((1 + 2) / 2)
+
+
+def blobs(shape, centres, spacing, sigma=1.5):
+    """Gaussian blobs of physical std `sigma` and height 1, summed."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) * spacing
+    out = np.zeros(shape)
+    for c in centres:
+        out += np.exp(-np.sum((grid - np.asarray(c) * spacing) ** 2, -1) / (2 * sigma ** 2))
+    return out
+
+
+def test_split_heavy_splits_two_merged_cells_on_their_axis():
+    # Anisotropic 3D: 6 lone cells and two cells 2.4 apart in x whose sum has one maximum.
+    spacing = np.array([2.0, 1.0, 1.0])
+    lone = [(4, 8, 8), (4, 8, 24), (4, 24, 8), (12, 8, 8), (12, 24, 24), (12, 8, 24)]
+    pair = [(8, 24, 14.8), (8, 24, 17.2)]
+    m = blobs((16, 32, 32), lone + pair, spacing)
+    found = postprocess.local_maxima(m, 0.3, spacing=spacing)
+    assert len(found) == 7                           # the pair is one detection
+    out = postprocess.split_heavy(m, found, 0.3, 1.5, spacing)
+    assert len(out) == 8
+    # every true centre has a detection within 0.5 (physical), the pair's two included
+    truth = np.array(lone + pair, np.float64)
+    d = np.linalg.norm((out[:, None] - truth[None]) * spacing, axis=-1)
+    assert np.all(d.min(0) < 0.5), d.min(0)
+    # the lone cells keep their detections exactly
+    assert np.all(np.any(np.all(np.isclose(out[:, None], np.array(lone, np.float32)[None]),
+                                -1), 0))
+
+
+def test_split_heavy_leaves_maps_alone():
+    spacing = np.array([1.0, 1.0])
+    lone = [(6, 6), (6, 20), (20, 6), (20, 20), (13, 13)]
+    m = blobs((28, 28), lone, spacing)
+    found = postprocess.local_maxima(m, 0.3)
+    np.testing.assert_array_equal(postprocess.split_heavy(m, found, 0.3, 1.5), found)  # none heavy
+    pair = blobs((28, 28), [(13, 3), (13, 5)], spacing)
+    few = postprocess.local_maxima(pair + blobs((28, 28), [(4, 20)], spacing), 0.3)
+    assert len(postprocess.split_heavy(pair, few, 0.3, 1.5)) == len(few)  # too few to tell
+    heavy = m + pair
+    found = postprocess.local_maxima(heavy, 0.3)
+    np.testing.assert_array_equal(postprocess.split_heavy(heavy, found, 0.3, 0.0), found)
+    assert len(postprocess.detect_with(heavy, 0.3, "peaks", split=1.5)) == len(found) + 1

@@ -192,3 +192,24 @@ def test_minutes_fit_the_steps_to_the_measured_rate_and_resume_keeps_them(tmp_pa
     c.train.minutes, c.train.steps = 10.0, 100
     predictor, _ = train.train(c, wd)
     assert predictor.step == saved["steps"] and len(probes) == 1
+
+
+def test_student_perturbations_change_the_student_only():
+    # Intensity changes and channel dropout act on the student's unlabeled rows: the
+    # supervised term (labeled rows) is unchanged, the consistency term moves.
+    c = tiny_config()
+    c.model.dropout = 0.0
+    c.ssl.ramp_shape = "constant"
+    c.ssl.noise_rate = 0.0
+    batch = random_batch(4)
+    _, _, _, plain = one_step(c, batch)
+    for field, value in (("student_intensity", 0.5), ("feature_dropout", 0.5)):
+        p = tiny_config()
+        p.model.dropout = 0.0
+        p.ssl.ramp_shape = "constant"
+        p.ssl.noise_rate = 0.0
+        p.ssl[field] = value
+        _, _, _, m = one_step(p, batch)
+        assert float(m["supervised"]) == pytest.approx(float(plain["supervised"]), rel=1e-6)
+        assert abs(float(m["consistency"]) - float(plain["consistency"])) > \
+            1e-3 * float(plain["consistency"]), field
