@@ -96,7 +96,7 @@ def test_calibration_chooses_a_minimum_distance_for_cells_with_two_bumps():
         d[y, x], d[y, x + 3] = 2.0, 1.5
     chosen = evaluation.calibrate([d], [dots], [0.5, 1.0], 5.0, detector="auto",
                                   min_distances=(0.0, 2.5, 5.0))
-    assert chosen == {"name": "peaks", "threshold": 0.5, "min_distance": 5.0}
+    assert chosen == {"name": "peaks", "threshold": 0.5, "min_distance": 5.0, "split": 0.0}
     r = evaluation.score([d], [dots], 0.5, [5.0], detector="peaks", min_distance=0.0)[0]
     assert (r["tp"], r["fp"]) == (4, 4)
 
