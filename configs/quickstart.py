@@ -68,6 +68,10 @@ def get_config(arg: str = ""):
     c.augment.contrast = 0.0        # contrast factor in [1 - c, 1 + c]
     c.augment.gamma = 0.0           # gamma in [1 / (1 + g), 1 + g]
     c.augment.noise = 0.0           # Gaussian noise of up to this many standard deviations
+    c.augment.field = 0.0           # each cell's brightness: a smooth field exp(field * g) on
+                                    # the signal, g a unit Gaussian random field
+    c.augment.field_sigma = 0.0     # its smoothness, physical units (0: half the median
+                                    # nearest-dot distance)
 
     c.target = ml_collections.ConfigDict()
     c.target.kind = "inverse_distance"   # or 'gaussian'

@@ -126,6 +126,36 @@ def test_intensity_augmentation():
     assert 0 < n.std() <= 0.1 * x.std() * 1.1
 
 
+def test_brightness_field():
+    """The field multiplies each channel's signal above its 10 % quantile by exp(s g), g a
+    unit-variance Gaussian field of the given sigma: its log has sd s, and its autocorrelation
+    at lag d is that of Gaussian-filtered white noise, exp(-d^2 / (4 sigma^2))."""
+    from cellcount_jax.data.dataset import intensity_augment
+    rng = np.random.default_rng(0)
+    x = (2.0 + rng.uniform(1.0, 2.0, size=(256, 256, 1))).astype(np.float32)
+    x = np.concatenate([x, 20 - 3 * x], -1)  # near one channel's 10 % quantile, not the other's
+    sigma = (4.0, 2.0)  # pixels along y, x
+    y = intensity_augment(np.random.default_rng(1), x, field=0.4, field_sigma=sigma)
+    lo = np.quantile(x.reshape(-1, 2), 0.1, axis=0, method="lower")
+    far = np.abs(x - lo) > 0.05
+    ratio = (y - lo) / np.where(far, x - lo, 1)
+    # One field for both channels, in the signal above the background.
+    both = far[..., 0] & far[..., 1]
+    np.testing.assert_allclose(ratio[..., 0][both], ratio[..., 1][both], rtol=2e-3)
+    field = np.where(far[..., 0], ratio[..., 0], ratio[..., 1])
+    assert far.any(-1).all()
+    g = np.log(field[10:-10, 10:-10])
+    assert g.std() == pytest.approx(0.4, rel=0.15) and abs(g.mean()) < 0.1
+    g = (g - g.mean()) / g.std()
+    for axis, s in enumerate(sigma):
+        for lag in (s, 2 * s):
+            a = np.take(g, np.arange(g.shape[axis] - int(lag)), axis)
+            b = np.take(g, np.arange(int(lag), g.shape[axis]), axis)
+            assert np.mean(a * b) == pytest.approx(np.exp(-lag ** 2 / (4 * s ** 2)), abs=0.08)
+    # 0 leaves it out.
+    np.testing.assert_array_equal(intensity_augment(np.random.default_rng(1), x, field=0.0), x)
+
+
 def test_an_annotation_of_another_image_is_named(tmp_path):
     import warnings
     from PIL import Image

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from cellcount_jax.data import io
 from cellcount_jax import distributed
+from cellcount_jax.cellsize import nearest_dot_distance
 from cellcount_jax.data.dataset import (Dataset, check_dots, make_targets, pad_dots, part_rows,
                                         striped)
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
@@ -243,17 +244,30 @@ def summary(labeled: Split, unlabeled: Split, test: Optional[Split], spacing) ->
     return "\n".join(lines)
 
 
-def _intensity(config):
-    """The keyword ranges of `intensity_augment` from config.augment (None when all are 0)."""
+def _intensity(config, spacing, dots):
+    """The keyword ranges of `intensity_augment` from config.augment (None when all are 0).
+    The field's sigma, augment.field_sigma in physical units (0: half the labeled dots' median
+    nearest-neighbour distance, so that neighbouring cells are about independent), becomes
+    pixels per axis."""
     a = config.get("augment")
     if a is None:
         return None
-    ranges = {k: float(a.get(k, 0.0)) for k in ("brightness", "contrast", "gamma", "noise")}
+    ranges = {k: float(a.get(k, 0.0))
+              for k in ("brightness", "contrast", "gamma", "noise", "field")}
     for k, v in ranges.items():
         if v < 0 or (k == "contrast" and v >= 1):
             raise InputError(f"config.augment.{k} must be >= 0{' and < 1' if k == 'contrast' else ''}"
                              f", got {v}")
-    return ranges if any(ranges.values()) else None
+    if not any(ranges.values()):
+        return None
+    if ranges["field"]:
+        sigma = float(a.get("field_sigma", 0.0) or 0.0)
+        if sigma <= 0:
+            near = [nearest_dot_distance(d, spacing) for d in dots if len(d) > 1]
+            near = [v for v in near if np.isfinite(v)]
+            sigma = float(np.median(near)) / 2 if near else 2.0 * float(np.min(spacing))
+        ranges["field_sigma"] = tuple(sigma / s for s in spacing)
+    return ranges
 
 
 def load(config, part=(0, 1)):
@@ -293,9 +307,11 @@ def load(config, part=(0, 1)):
                                     cfg.get("percentiles", (1.0, 99.8)))
     for s in (labeled, unlabeled) + ((test,) if test is not None else ()):
         s.images = [None if im is None else normaliser.image(im) for im in s.images]
-    intensity = _intensity(config)
+    intensity = _intensity(config, spacing, labeled.dots)
     text += f"\n  normalisation {normaliser.mode}" + (
-        ", intensity augmentation " + ", ".join(f"{k} {v:g}" for k, v in intensity.items())
+        ", intensity augmentation " + ", ".join(
+            f"{k} {v:g}" if k != "field_sigma" else
+            f"{k} {'x'.join(f'{s:.2g}' for s in v)} px" for k, v in intensity.items() if v)
         if intensity else "")
     t = config.target
     maps = make_targets(labeled.images, labeled.dots, t.kind, t.scale, spacing, t.sigma, t.cutoff)

@@ -8,9 +8,12 @@ import dataclasses
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from cellcount_jax import targets as targets_lib
 from cellcount_jax.errors import InputError
+
+FIELD_BACKGROUND = 0.1  # the quantile of a crop taken as its background by the field
 
 
 def pad_dots(dots: np.ndarray, max_dots: Optional[int] = None):
@@ -86,10 +89,16 @@ def _apply_crop(arrays: List[np.ndarray], crop: Sequence[int], draw):
 
 
 def _draw_intensity(rng, shape, brightness: float = 0.0, contrast: float = 0.0,
-                    gamma: float = 0.0, noise: float = 0.0):
+                    gamma: float = 0.0, noise: float = 0.0, field: float = 0.0,
+                    field_sigma=(2.0,)):
     """The random numbers of `intensity_augment` for a crop of `shape` (noise as unit normals,
-    scaled by the crop's spread when applied)."""
+    scaled by the crop's spread when applied; the field as its multiplicative factor)."""
     d = {}
+    if field:
+        sigma = np.broadcast_to(np.asarray(field_sigma, np.float64), (len(shape) - 1,))
+        g = ndimage.gaussian_filter(rng.standard_normal(shape[:-1]), sigma, mode="wrap")
+        g /= g.std() or 1.0
+        d["field"] = np.exp(field * g).astype(np.float32)[..., None]
     if gamma:
         d["gamma"] = np.exp(rng.uniform(-np.log1p(gamma), np.log1p(gamma)))
     if contrast:
@@ -104,6 +113,12 @@ def _draw_intensity(rng, shape, brightness: float = 0.0, contrast: float = 0.0,
 
 def _apply_intensity(x: np.ndarray, d: dict):
     x = np.asarray(x, np.float32)
+    if "field" in d:
+        # Each channel's signal above its background (its FIELD_BACKGROUND quantile) scaled.
+        flat = x.reshape(-1, x.shape[-1])
+        lo = np.partition(flat, int(FIELD_BACKGROUND * (len(flat) - 1)), axis=0)[
+            int(FIELD_BACKGROUND * (len(flat) - 1))]
+        x = lo + (x - lo) * d["field"]
     if "gamma" in d:
         lo, hi = x.min(), x.max()
         if hi > lo:
@@ -120,14 +135,20 @@ def _apply_intensity(x: np.ndarray, d: dict):
 
 
 def intensity_augment(rng: np.random.Generator, x: np.ndarray, brightness: float = 0.0,
-                      contrast: float = 0.0, gamma: float = 0.0, noise: float = 0.0):
+                      contrast: float = 0.0, gamma: float = 0.0, noise: float = 0.0,
+                      field: float = 0.0, field_sigma=(2.0,)):
     """Random intensity changes of one normalised crop (*spatial, C), in units of its own
-    spread so that they mean the same under any normalisation: gamma g in [1/(1+gamma),
-    1+gamma] on the crop's [min, max] range, contrast c in [1-contrast, 1+contrast] about its
-    mean, a brightness shift of up to +-brightness standard deviations, and Gaussian noise of
-    up to `noise` standard deviations. A range of 0 leaves that change out (and draws nothing)."""
+    spread so that they mean the same under any normalisation: first a smooth multiplicative
+    field exp(field * g) on each channel's signal above its background (the FIELD_BACKGROUND
+    quantile of the crop), g a unit-variance Gaussian random field of standard deviation
+    `field_sigma` pixels (per axis, or one for all), so that cells a few sigma apart get
+    independent brightness (dim and bright cells side by side, uneven staining); then gamma g
+    in [1/(1+gamma), 1+gamma] on the crop's [min, max] range, contrast c in [1-contrast,
+    1+contrast] about its mean, a brightness shift of up to +-brightness standard deviations,
+    and Gaussian noise of up to `noise` standard deviations. A range of 0 leaves that change
+    out (and draws nothing)."""
     return _apply_intensity(x, _draw_intensity(rng, np.shape(x), brightness, contrast, gamma,
-                                               noise))
+                                               noise, field, field_sigma))
 
 
 def striped(count: int, stripes: int, rows) -> List[bool]:
