@@ -22,8 +22,13 @@ names a file):
                                      detections (`ModelProposals`)
 
 Every edit is on disk before its answer (`annotation.Annotation`). A malformed request gets
-a 4xx answer {"error": message}.
+a 4xx answer {"error": message}. Who may send requests (Host names, the token, same-origin
+edits) is `access`'s. Limits, each answered with a 4xx and its reason: a request body of at
+most MAX_BODY bytes (413), at most MAX_ACCEPT points per accept (413), and proposals that
+answer within `propose_seconds` (422; the computation finishes in the background, and
+proposals asked for meanwhile get 429).
 """
+import concurrent.futures
 import io as _io
 import os
 import threading
@@ -31,9 +36,12 @@ import threading
 import numpy as np
 from PIL import Image
 
-from cellcount_jax import annotation, proposals, volumes
+from cellcount_jax import access, annotation, proposals, volumes
 from cellcount_jax.errors import InputError
 
+MAX_BODY = 16 * 2 ** 20     # bytes of a request's body
+MAX_ACCEPT = 200_000        # points accepted at once
+PROPOSE_SECONDS = 60.0      # a proposal's answer time
 MAX_VIEW = 4096 * 4096      # pixels of a region read for one view
 MAX_PROPOSE = 2 ** 26       # voxels of a box proposals run on
 PROJECTION_CHUNK = 2 ** 24  # values read at a time while projecting a stack
@@ -228,19 +236,29 @@ def _json(request, *keys):
 
 
 def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: str = None,
-               spacing=None):
+               spacing=None, *, token: str = None, require_token: bool = True,
+               host: str = "127.0.0.1", allow_hosts=(), propose_seconds: float = PROPOSE_SECONDS):
     """The Flask application serving `image_path` (any `volumes.open_volume` input) and
     editing the dots CSV `points_path` (created on the first edit); `model`: a model folder
-    whose detections are offered as proposals too (`ModelProposals`, with `spacing`)."""
-    from flask import Flask, jsonify, request
-    from werkzeug.exceptions import HTTPException
+    whose detections are offered as proposals too (`ModelProposals`, with `spacing`).
 
+    token, require_token, host, allow_hosts: who may use it (`access`): the token (None: a
+    new one, or $CELLCOUNT_TOKEN; `app.config['token']`), or none at all where
+    `require_token` is False (a loopback `host` only); the address it is served on and the
+    further Host names allowed. propose_seconds: the longest a proposal is waited for."""
+    from flask import Flask, jsonify, request
+    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+    token = access.resolve_token(token, require_token, host)
     volume = volumes.open_volume(image_path, ndim)
     dots = annotation.Annotation(points_path, volume.shape, grid)
     lo, hi = display_range(volume)
     projection = Projection(volume) if volume.ndim == 3 else None
     model = ModelProposals(model, volume, spacing) if model else None
     app = Flask(__name__, static_folder=STATIC, static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["token"] = token
+    access.install(app, token, host, allow_hosts)
 
     @app.get("/")
     def page():
@@ -249,6 +267,10 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: s
     @app.errorhandler(InputError)
     def bad_input(e):
         return jsonify(error=str(e)), 400
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e):
+        return jsonify(error=f"a request body may hold at most {MAX_BODY} bytes"), 413
 
     @app.errorhandler(HTTPException)
     def http_error(e):
@@ -299,7 +321,11 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: s
     @app.post("/api/accept")
     @one_at_a_time
     def accept():
-        ids = dots.accept(_json(request, "points")["points"])
+        points = _json(request, "points")["points"]
+        if isinstance(points, list) and len(points) > MAX_ACCEPT:
+            return jsonify(error=f"{len(points)} points in one accept; at most {MAX_ACCEPT} "
+                                 f"(accept them in parts)"), 413
+        ids = dots.accept(points)
         return jsonify(ids=ids, **state())
 
     @app.post("/api/undo")
@@ -366,55 +392,85 @@ def create_app(image_path: str, points_path: str, ndim: int, grid=None, model: s
             raise InputError(f"source must be 'detector', 'model' or 'both', got {source!r}")
         if source != "detector" and model is None:
             raise InputError("no model: start with --model=WORKDIR for model proposals")
-        out = {}
-        if source != "model":
-            region = volume.read(tuple(zip(start.tolist(), stop.tolist())))
-            try:
-                found = proposals.propose(
-                    region, volume.ndim, sigma=float(body.get("sigma", 1.0)),
-                    threshold=(None if body.get("threshold") is None
-                               else float(body["threshold"])),
-                    opening=int(body.get("opening", 1)), min_size=int(body.get("min_size", 4)),
-                    bright=_flag(body, "bright", True))
-            except (TypeError, ValueError) as e:
-                raise InputError(f"bad proposal parameters ({e})") from e
-            out["detector"] = (found + start).tolist()
-        if source != "detector":
-            out["model"] = model.propose(start, stop).tolist()
-        return jsonify(points=out)
+        try:
+            options = dict(sigma=float(body.get("sigma", 1.0)),
+                           threshold=(None if body.get("threshold") is None
+                                      else float(body["threshold"])),
+                           opening=int(body.get("opening", 1)),
+                           min_size=int(body.get("min_size", 4)),
+                           bright=_flag(body, "bright", True))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"bad proposal parameters ({e})") from e
+
+        def run():
+            out = {}
+            if source != "model":
+                region = volume.read(tuple(zip(start.tolist(), stop.tolist())))
+                try:
+                    found = proposals.propose(region, volume.ndim, **options)
+                except (TypeError, ValueError) as e:
+                    raise InputError(f"bad proposal parameters ({e})") from e
+                out["detector"] = (found + start).tolist()
+            if source != "detector":
+                out["model"] = model.propose(start, stop).tolist()
+            return out
+
+        with proposing:
+            if running and not running[-1].done():
+                return jsonify(error="the proposals of an earlier box are still being "
+                                     "computed; ask again in a moment"), 429
+            running[:] = [worker.submit(run)]
+        try:
+            return jsonify(points=running[-1].result(timeout=propose_seconds))
+        except concurrent.futures.TimeoutError:
+            return jsonify(error=f"the proposals took longer than {propose_seconds:g} s; "
+                                 f"propose on a smaller box (this one finishes in the "
+                                 f"background)"), 422
+
+    # Proposals run one at a time on their own thread, so that a request can stop waiting.
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="proposals")
+    proposing, running = threading.Lock(), []
 
     app.config["annotation"] = dots
     return app
 
 
 def serve(image_path: str, points_path: str, ndim: int, host: str = "127.0.0.1",
-          port: int = 8765, model: str = None, spacing=None, grid=None):
-    """Serves the page and the API until interrupted (Ctrl+C); prints the URL."""
+          port: int = 8765, model: str = None, spacing=None, grid=None, *, token: str = None,
+          require_token: bool = True, allow_hosts=()):
+    """Serves the page and the API until interrupted (Ctrl+C); prints the URL (with the
+    token: `create_app`)."""
     import logging
     import socket
+    from urllib.parse import quote
     from werkzeug.serving import make_server
 
     def busy(e):
         return InputError(f"cannot serve on {host}:{port} ({getattr(e, 'strerror', None) or e}"
                           f"); choose another --port")
 
+    access.resolve_token(token, require_token, host)  # flags checked before the image opens
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:  # before the image and the model are opened
             probe.bind((host, port))
         except OSError as e:
             raise busy(e) from e
-    app = create_app(image_path, points_path, ndim, grid, model, spacing)
+    app = create_app(image_path, points_path, ndim, grid, model, spacing, token=token,
+                     require_token=require_token, host=host, allow_hosts=allow_hosts)
     dots = app.config["annotation"]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     try:
         server = make_server(host, port, app, threaded=True)  # listening from here on
     except (OSError, SystemExit) as e:
         raise busy(e) from e
-    shown = "localhost" if host in ("127.0.0.1", "localhost") else host
+    shown = ("localhost" if access.is_loopback(host) else
+             socket.gethostname() if host in access.WILDCARD_ADDRESSES else
+             f"[{host}]" if ":" in host else host)
+    query = f"?token={quote(app.config['token'])}" if app.config["token"] else ""
     also = f", proposals of {model}" if model else ""
     print(f"annotating {image_path} ({'x'.join(map(str, dots.shape))}), dots in {points_path} "
-          f"({len(dots.points)} so far{also})\nopen http://{shown}:{port}/ (Ctrl+C stops; every "
-          f"edit is already saved)", flush=True)
+          f"({len(dots.points)} so far{also})\nopen http://{shown}:{port}/{query} (Ctrl+C "
+          f"stops; every edit is already saved)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

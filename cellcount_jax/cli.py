@@ -152,6 +152,13 @@ def define_flags():
     flags.DEFINE_integer("port", 8765, "annotate: the port of the page.")
     flags.DEFINE_string("host", "127.0.0.1", "annotate: the address to serve on (default this "
                         "machine only; reach it from elsewhere through an SSH tunnel).")
+    flags.DEFINE_string("token", None, "annotate: the token the page and the API need (default "
+                        "$CELLCOUNT_TOKEN, else a new random one); printed in the URL.")
+    flags.DEFINE_bool("no-token", False, "annotate: serve without a token (only with a "
+                      "loopback --host, on a machine whose other users you trust).")
+    flags.DEFINE_multi_string("allow-host", [], "annotate: a further name the page may be "
+                              "opened under (the Host header), e.g. the node's name; repeat "
+                              "for several; '*' for any (then only the token protects it).")
     flags.DEFINE_integer("ndim", 0, "annotate: 2 (an image) or 3 (a stack); 0 guesses from the "
                          "file.")
     flags.DEFINE_string("grid", None, "annotate: regions per axis ([z,]y,x) that are ticked "
@@ -260,7 +267,9 @@ def _annotate():
     grid = _numbers("grid", int)
     return annotate.serve(path, FLAGS.points or stem + ".csv", ndim, FLAGS.host, FLAGS.port,
                           model_path(FLAGS.model) if FLAGS.model else None,
-                          _numbers("spacing", float), (grid,) if isinstance(grid, int) else grid)
+                          _numbers("spacing", float), (grid,) if isinstance(grid, int) else grid,
+                          token=FLAGS.token, require_token=not FLAGS["no-token"].value,
+                          allow_hosts=FLAGS["allow-host"].value)
 
 
 def _numbers(name, kind):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -74,7 +75,9 @@ class Server:
             assert time.perf_counter() - t0 < 120, open(self.log).read()
             time.sleep(0.02)
         self.seconds = time.perf_counter() - t0
-        self.url = f"http://127.0.0.1:{self.port}/"
+        # The printed URL, with its token; the page is opened as 127.0.0.1.
+        self.url = re.search(r"open (http://\S+)", open(self.log).read()).group(1).replace(
+            "localhost", "127.0.0.1", 1)
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -110,9 +113,15 @@ class Page:
         self.open(url)
 
     def open(self, url):
-        self.page.goto(url)
+        """Opens the page at the server's URL (with its token), or reloads it (url None: the
+        token is then the cookie's)."""
+        if url is None:
+            self.page.reload()
+        else:
+            self.page.goto(url)
         self.page.wait_for_function("document.getElementById('status').textContent === 'ready'"
                                     " && S.image !== null", timeout=60_000)
+        assert "token" not in self.page.url  # read once, and out of the address bar
 
     def js(self, expression, arg=None):
         return self.page.evaluate(expression, arg)
@@ -289,6 +298,7 @@ def test_3d_stack_propose_accept_region_add_delete_move_slice_undo_kill_reopen(b
     server.kill()
     server = servers(image, dots, "--grid=2,2,2")
     page.open(server.url)
+    page.open(None)  # reloaded: the cookie holds the new server's token
     assert _same_rows(page.js("S.points.map((p) => p.coords)"), saved)
     assert _same_rows(_csv(dots), saved)
     assert page.js("S.progress.reviewed") == reviewed

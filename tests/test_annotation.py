@@ -125,6 +125,13 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     np.testing.assert_allclose(io.read_dots_csv(path, 2), [[3, 4]])
 
 
+def authorised(app):
+    """A Flask test client that sends the app's token with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"token {app.config['token']}"
+    return client
+
+
 @pytest.fixture
 def server(tmp_path):
     pytest.importorskip("flask")
@@ -136,7 +143,7 @@ def server(tmp_path):
     tifffile.imwrite(path, stack.astype(np.uint16))
     points = tmp_path / "stack.csv"
     app = annotate.create_app(str(path), str(points), 3)
-    return app.test_client(), str(points), centres, stack
+    return authorised(app), str(points), centres, stack
 
 
 def test_the_server_edits_the_csv_and_serves_regions(server):
@@ -283,7 +290,7 @@ def test_model_proposals_on_another_spacing_are_the_predict_command_s_detections
     app = annotate.create_app(image, str(tmp_path / "cells.csv"), 2,
                               model=model_path("vgg2d_cpu"), spacing=(0.5, 0.5))
     box = [[20, 30], [150, 170]]
-    found = np.asarray(app.test_client().post("/api/propose", json={
+    found = np.asarray(authorised(app).post("/api/propose", json={
         "box": box, "source": "model"}).get_json()["points"]["model"]).reshape(-1, 2)
     predictor = model_folder.load_model(model_path("vgg2d_cpu"))
     predict.predict_image(predictor, volumes.open_volume(image, 2), str(tmp_path / "out"),
@@ -302,8 +309,8 @@ def test_a_grey_2d_image_is_served_and_edited(tmp_path):
     from cellcount_jax import annotate
     image = (np.random.default_rng(0).random((50, 70)) * 200).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "grey.png")
-    client = annotate.create_app(str(tmp_path / "grey.png"), str(tmp_path / "grey.csv"),
-                                 2).test_client()
+    client = authorised(annotate.create_app(str(tmp_path / "grey.png"),
+                                            str(tmp_path / "grey.csv"), 2))
     info = client.get("/api/info").get_json()
     assert info["shape"] == [50, 70] and info["ndim"] == 2 and info["channels"] == 1
     view = np.asarray(Image.open(_bytes(client.get("/api/view?y0=10&y1=50&x0=0&x1=70").data)))

@@ -13,10 +13,15 @@ const S = {
   timings: { edit: [], slice: [], view: [] },      // ms from the action to the answer drawn
 };
 const SOURCE_STYLE = { detector: "#ffd400", model: "#ff4df0" };
+// The token the page was opened with (?token=...): read once, kept for every request (the
+// server also set it as a cookie), and taken out of the address bar.
+const TOKEN = new URLSearchParams(location.search).get("token");
+if (TOKEN) history.replaceState(null, "", location.pathname);
+const withToken = (url) => TOKEN ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : url;
 const DOT = 5, HIT = 7;
 
 async function api(method, url, body) {
-  const opts = { method, headers: {} };
+  const opts = { method, headers: TOKEN ? { Authorization: `token ${TOKEN}` } : {} };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -94,7 +99,7 @@ function load(kind = "view") {
     S.timings[kind].push(performance.now() - t0);
   };
   img.onerror = () => status("could not load the view", true);
-  img.src = url;
+  img.src = withToken(url);
 }
 
 function near() { return Math.max(0, parseInt($("near").value, 10) || 0); }
@@ -211,7 +216,7 @@ async function edit(request, what) {  // request: () => the API call's promise
     S.timings.edit.push(ms);
     status(`saved: ${what} (${Math.round(ms)} ms)`);
   } catch (e) {  // the status shows the server's message; draw what the server holds
-    update(await fetch("/api/points").then((r) => r.json()));
+    update(await api("GET", "/api/points"));
   }
 }
 
