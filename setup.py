@@ -2,7 +2,6 @@
 
 - `_native` (`conv.cc`): float32 AVX-512 convolution kernels, against the XLA FFI headers that
   jaxlib ships.
-- `_blocks` (`block_cache.c`): reuse of XLA:CPU's large host blocks (Linux).
 - `_dnnl` (`dnnl_conv.cc`): bfloat16 convolutions through oneDNN, against the headers and
   library of the onednn-devel-cpu-gomp / onednn-cpu-gomp wheels (a build requirement on
   x86-64 Linux); it runs where the `cpu-bf16` extra (the onednn-cpu-gomp wheel, whose
@@ -58,8 +57,6 @@ setup(
         Extension("cellcount_jax._native", ["cellcount_jax/csrc/conv.cc", "cellcount_jax/csrc/norm.cc"],
                   depends=["cellcount_jax/csrc/parallel.h"], language="c++",
                   optional=True, extra_compile_args=FLAGS + ["-ffp-contract=fast"]),
-        Extension("cellcount_jax._blocks", ["cellcount_jax/csrc/block_cache.c"],
-                  optional=True, extra_compile_args=["-O2"]),
         Extension("cellcount_jax._dnnl", ["cellcount_jax/csrc/dnnl_conv.cc"], language="c++",
                   optional=True, extra_compile_args=FLAGS, libraries=["dnnl"]),
     ],

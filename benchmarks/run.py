@@ -15,8 +15,10 @@ non-finite guard on the quickstart step, and, when torch is importable, the PyTo
 ratio (with `--dtypes=bfloat16`, the bf16 step against the peer's `--amp`; the lines name the
 CPU's bf16 units that the step used, `bf16_units`). The peer runs in a child process: each
 runtime's idle worker threads spin for a while after its last step and slow the other down
-when both live in one process. Every line names the CPU model (`cpu`) and whether XLA's large
-blocks went through `cellcount_jax.block_cache` (`block_cache`).
+when both live in one process. Every line names the CPU model (`cpu`) and the memory allocator
+(`allocator`: 'tcmalloc' where it is preloaded, as the `cellcount` command does by
+`cellcount_jax.allocator`, else 'system'; run the suite as `LD_PRELOAD=libtcmalloc_minimal.so.4
+python benchmarks/run.py` for the command's speed).
 
 FLOPs are those of XLA's cost analysis of the step in its XLA-native formulation
 (`model.impl=xla`), the same for every impl: cost analysis does not see into the native
@@ -40,7 +42,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cellcount_jax import block_cache, convolutions, models, native, optim, postprocess, metrics, targets, train  # noqa: E402
+from cellcount_jax import allocator, convolutions, models, native, optim, postprocess, metrics, targets, train  # noqa: E402
 from configs import quickstart  # noqa: E402
 
 PEER = os.path.join(ROOT, "..", "shared", "peers", "torch_saunet.py")
@@ -81,7 +83,7 @@ def device_info():
     cpu = jax.default_backend() == "cpu"
     return {"backend": jax.default_backend(), "device_kind": d.device_kind,
             "devices": jax.device_count(), "cpu": cpu_model(), "cores": usable_cores(),
-            "jax": jax.__version__, "block_cache": cpu and block_cache.install(),
+            "jax": jax.__version__, "allocator": "tcmalloc" if allocator.loaded() else "system",
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 

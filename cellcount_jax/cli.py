@@ -25,6 +25,7 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cellcount_jax import allocator
 from cellcount_jax import configs as shipped_configs
 from cellcount_jax import pretrained as shipped_models
 from cellcount_jax.errors import InputError
@@ -328,7 +329,10 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv=None):
-    """Entry point of the installed `cellcount` command."""
+    """Entry point of the installed `cellcount` command (argv None: the process's own command
+    line, run under tcmalloc where it is installed: `allocator.ensure`)."""
+    if argv is None:
+        allocator.ensure()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print("usage:\n" + USAGE + "\n\n`cellcount COMMAND --help` lists every flag.")
@@ -346,6 +350,7 @@ def main(argv=None):
 
 def launch_main():
     """Entry point of `launch.py`: the same flags, the command chosen by `--mode`."""
+    allocator.ensure()
     sys.argv = _flag_errors(lambda: _resolve_config_flag(sys.argv), sys.argv)
     _flag_errors(define_flags, sys.argv)
     flags.DEFINE_enum("mode", "train", list(COMMANDS), "train (then evaluate), evaluate, or "

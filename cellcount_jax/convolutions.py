@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cellcount_jax import block_cache, native
+from cellcount_jax import native
 from cellcount_jax.errors import InputError
 
 IMPLS = ("auto", "xla", "cpu")
@@ -54,10 +54,9 @@ def resolve_impl(impl: str) -> str:
 
 def compiler_options(platform: str = None):
     """XLA compiler options for jitting the model on `platform` (default: the default
-    backend); None: XLA's defaults. On the CPU it also puts `block_cache` in place."""
+    backend); None: XLA's defaults."""
     if (platform or jax.default_backend()) != "cpu":
         return None
-    block_cache.install()
     options = _cpu_options()
     return dict(options) if options else None
 
