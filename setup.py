@@ -46,6 +46,8 @@ class BuildExt(build_ext):
             self.extensions = [e for e in self.extensions if e.name != "cellcount_jax._dnnl"]
         for ext in self.extensions:
             ext.include_dirs.append(os.path.join(os.path.dirname(jaxlib.__file__), "include"))
+            # Checked at load against the jaxlib that runs (native.py).
+            ext.define_macros.append(("CELLCOUNT_JAXLIB_VERSION", f'"{jaxlib.__version__}"'))
             if ext.name == "cellcount_jax._dnnl":
                 ext.include_dirs.append(dnnl[0])
                 ext.library_dirs.append(dnnl[1])

@@ -80,7 +80,6 @@ def usable_cores():
 
 def device_info():
     d = jax.devices()[0]
-    cpu = jax.default_backend() == "cpu"
     return {"backend": jax.default_backend(), "device_kind": d.device_kind,
             "devices": jax.device_count(), "cpu": cpu_model(), "cores": usable_cores(),
             "jax": jax.__version__, "allocator": "tcmalloc" if allocator.loaded() else "system",

@@ -36,7 +36,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from cellcount_jax import access, annotation, proposals, volumes
+from cellcount_jax import access, annotation, postprocess, proposals, volumes
 from cellcount_jax.errors import InputError
 
 MAX_BODY = 16 * 2 ** 20     # bytes of a request's body
@@ -52,7 +52,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "ann
 def guess_ndim(path: str) -> int:
     """2 for a PNG/JPEG or a TIFF of (y, x) or (y, x, 3|4); 3 for a folder of planes, a zarr,
     or a TIFF of (z, y, x) or (z, y, x, c)."""
-    if os.path.isdir(path) and not path.rstrip("/").endswith(".zarr"):
+    if os.path.isdir(path) and not volumes.is_zarr(path):
         return 3
     if path.lower().endswith((".tif", ".tiff")):
         import tifffile
@@ -62,7 +62,7 @@ def guess_ndim(path: str) -> int:
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise InputError(f"{path}: not a readable TIFF ({e})") from e
         return 2 if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4)) else 3
-    return 3 if path.rstrip("/").endswith(".zarr") else 2
+    return 3 if volumes.is_zarr(path) else 2
 
 
 def display_range(volume, low=0.5, high=99.8):
@@ -127,14 +127,7 @@ class ModelProposals:
         if not p.calibrated:
             raise InputError(f"--model={model_dir}: no calibrated detector (training did not "
                              f"finish); run `cellcount evaluate --workdir={model_dir}`")
-        spacing = np.ravel(np.asarray(p.spacing if spacing is None else spacing, np.float64))
-        spacing = np.repeat(spacing, p.ndim) if len(spacing) == 1 else spacing
-        if spacing.shape != (p.ndim,) or np.any(spacing <= 0):
-            raise InputError(f"--spacing must be {p.ndim} positive values (or one for every "
-                             f"axis), got {spacing.tolist()}")
-        self.zoom = spacing / np.asarray(p.spacing, np.float64)
-        self.grid_volume = (volume if np.allclose(self.zoom, 1)
-                            else tiling.Resampled(volume, self.zoom))
+        self.grid_volume, self.zoom, _ = p.input_grid(volume, spacing)
         self.tiles = tiling.grid(self.grid_volume.shape, *p.tiling())
         self.done = {}
         self._lock = threading.Lock()
@@ -184,7 +177,7 @@ class ModelProposals:
         except Exception as e:  # noqa: BLE001 - any failure of the model is reported as such
             raise InputError(f"the model could not predict this image ({type(e).__name__}: "
                              f"{e})") from e
-        nearest = np.floor(pts + 0.5)
+        nearest = postprocess.nearest_pixel(pts)
         return pts[np.all((nearest >= start) & (nearest < stop), axis=1)]
 
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from cellcount_jax import postprocess
 from cellcount_jax.data import io
 from cellcount_jax.errors import InputError
 
@@ -96,7 +97,8 @@ class Annotation:
         if c.shape != (self.ndim,) or not np.isfinite(c).all():
             raise InputError(f"a dot is {self.ndim} finite coordinates "
                              f"({','.join(AXES[self.ndim])}), got {list(np.ravel(coords))}")
-        if np.any(np.round(c) < 0) or np.any(np.round(c) >= self.shape):
+        nearest = postprocess.nearest_pixel(c[None])[0]
+        if np.any(nearest < 0) or np.any(nearest >= self.shape):
             raise InputError(f"dot {c.tolist()} lies outside the image of shape {self.shape}")
         return c
 
@@ -167,7 +169,7 @@ class Annotation:
     # -- progress ---------------------------------------------------------------------------
     def region_of(self, coords) -> tuple:
         """The grid cell of a position: that of its nearest pixel (as the page computes it)."""
-        pixel = np.floor(self._checked(coords) + 0.5).astype(int)
+        pixel = postprocess.nearest_pixel(self._checked(coords)[None])[0]
         return tuple(int(p * g // s) for p, g, s in zip(pixel, self.grid, self.shape))
 
     def review(self, region, done: bool = True):

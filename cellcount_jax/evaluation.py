@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 
 from cellcount_jax import distributed, metrics, postprocess
+from cellcount_jax.data import io
 from cellcount_jax.errors import InputError
 from cellcount_jax.model_folder import write_json
 
@@ -148,8 +149,8 @@ def crowding(preds, dots, distance, spacing=None):
 
 def corrected_count(points, crowd, spacing=None) -> float:
     """The detections' count plus the cells that crowding hides (`crowding`)."""
-    return len(points) + crowd["per_pair"] * postprocess.close_pairs(points, crowd["distance"],
-                                                                     spacing)
+    pairs = postprocess.close_pairs(points, crowd["distance"], spacing)
+    return postprocess.corrected_count(len(points), pairs, crowd)
 
 
 def score(maps, dots, threshold, radii, spacing=None, detector="components", min_size=1,
@@ -312,16 +313,11 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
 
 
 def write_detections(path, names, points, spacing):
-    """One CSV of the detections of several images: name, pixel and physical coordinates."""
-    ndim = len(spacing)
-    axes = ["z", "y", "x"][3 - ndim:]
+    """One CSV of the detections of several images (`io.detection_columns` with the name)."""
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name"] + axes + [f"{a}_physical" for a in axes])
-        for name, pts in zip(names, points):
-            for p in np.asarray(pts, np.float64).reshape(-1, ndim):
-                w.writerow([name] + [f"{v:.3f}" for v in p]
-                           + [f"{v:.4f}" for v in p * np.asarray(spacing)])
+        f.write(",".join(io.detection_columns(len(spacing), name=True)) + "\r\n")
+        f.writelines(io.detection_rows(pts, spacing, name=name)
+                     for name, pts in zip(names, points))
 
 
 def format_table(summary):

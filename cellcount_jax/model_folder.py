@@ -327,8 +327,8 @@ class Predictor:
     def corrected_count(self, detections: int, pairs: float) -> float:
         """The count of `detections` with `pairs` close pairs among them (`close_pairs` at the
         record's crowding distance): detections + per_pair * pairs."""
-        crowd = (self.record.get("detector") or {}).get("crowding")
-        return float(detections + (crowd["per_pair"] * pairs if crowd else 0.0))
+        return postprocess.corrected_count(
+            detections, pairs, (self.record.get("detector") or {}).get("crowding"))
 
     def detections(self, pixels, density_at, mass, pairs=0.0, spacing=None) -> Detections:
         """Detections at `pixels`, their physical coordinates in `spacing` (default the
@@ -343,8 +343,8 @@ class Predictor:
     def detections_of(self, density) -> Detections:
         """Detections of a whole density map with the calibrated detector and threshold."""
         pts = self.peaks(density)
-        at = density[tuple(np.clip(np.round(pts).astype(int), 0,
-                                   np.array(density.shape) - 1).T)] if len(pts) else np.zeros(0)
+        at = density[tuple(postprocess.nearest_pixel(pts, density.shape).T)] if len(pts) \
+            else np.zeros(0)
         crowd = self.record["detector"].get("crowding")
         pairs = postprocess.close_pairs(pts, crowd["distance"], self.spacing) if crowd else 0.0
         return self.detections(pts, at, density.sum(dtype=np.float64), pairs)
@@ -380,6 +380,13 @@ class Predictor:
             raise InputError(f"--spacing must be {self.ndim} positive values (or one for every "
                              f"axis), got {spacing.tolist()}")
         return spacing
+
+    def input_grid(self, volume, spacing=None, diameter=None):
+        """(the `volumes.Volume` on the network's grid, zoom, diameter used or None): `volume`
+        itself where `input_zoom` gives 1, else a `tiling.Resampled` view of it, read region
+        by region."""
+        zoom, used = self.input_zoom(volume, spacing, diameter)
+        return (volume if np.allclose(zoom, 1) else tiling.Resampled(volume, zoom)), zoom, used
 
     @property
     def cell_diameter(self) -> Optional[float]:

@@ -26,6 +26,7 @@ import glob
 import importlib.util
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -39,22 +40,57 @@ BF16_KERNEL_GRAD_TARGET = "cellcount_dnnl_conv_kernel_grad"
 BF16_UNITS = {0: None, 1: "avx512_bf16", 2: "amx_bf16"}
 
 
-@functools.cache
-def _library():
-    """The loaded library with its FFI target registered, or None."""
+def _origin(module: str):
+    """The file of a compiled extension of the package, or None (not built: the XLA
+    formulation, silently; or switched off by CELLCOUNT_JAX_NATIVE=0)."""
     if os.environ.get("CELLCOUNT_JAX_NATIVE", "1") == "0":
         return None
-    spec = importlib.util.find_spec("cellcount_jax._native")
-    if spec is None or not spec.origin:
+    spec = importlib.util.find_spec(module)
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def _unusable(path: str, error: Exception):
+    """None, with one warning that names why a built library cannot be used."""
+    warnings.warn(f"cellcount_jax: the native CPU kernels in {os.path.basename(path)} are not "
+                  f"used ({type(error).__name__}: {error}); the network runs in its XLA "
+                  f"formulation (as with model.impl=xla). Reinstalling the package under this "
+                  f"jaxlib builds them again.", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _check_jaxlib(lib):
+    """Raises ImportError unless `lib` was compiled against the FFI of the running jaxlib."""
+    import jaxlib
+    lib.cc_jaxlib_version.restype = ctypes.c_char_p
+    built = lib.cc_jaxlib_version().decode()
+    if built != jaxlib.__version__:
+        raise ImportError(f"built against jaxlib {built}, running under jaxlib "
+                          f"{jaxlib.__version__}")
+
+
+def _register(lib, targets):
+    for name, symbol in targets:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+
+
+@functools.cache
+def _library():
+    """The loaded library with its FFI targets registered, or None (not built, switched off,
+    no AVX-512 here, or unusable: then with one warning)."""
+    path = _origin("cellcount_jax._native")
+    if path is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
-    if not lib.cc_native_supported():
-        return None
-    jax.ffi.register_ffi_target(KERNEL_GRAD_TARGET, jax.ffi.pycapsule(lib.CcConvKernelGrad), platform="cpu")
-    jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.CcConv), platform="cpu")
-    jax.ffi.register_ffi_target(RELU_NORM_TARGET, jax.ffi.pycapsule(lib.CcReluNorm), platform="cpu")
-    jax.ffi.register_ffi_target(RELU_NORM_GRAD_TARGET, jax.ffi.pycapsule(lib.CcReluNormGrad),
-                                platform="cpu")
+    try:
+        lib = ctypes.CDLL(path)
+        _check_jaxlib(lib)
+        if not lib.cc_native_supported():
+            return None
+        _register(lib, [(KERNEL_GRAD_TARGET, "CcConvKernelGrad"), (CONV_TARGET, "CcConv"),
+                        (RELU_NORM_TARGET, "CcReluNorm"),
+                        (RELU_NORM_GRAD_TARGET, "CcReluNormGrad")])
+    except Exception as e:  # noqa: BLE001 - any failure leaves the XLA formulation
+        return _unusable(path, e)
     return lib
 
 
@@ -146,26 +182,29 @@ def relu_norm_grad(y, b, scale, stats, g, dy_dtype):
 def _dnnl_library():
     """The oneDNN bf16 library (`csrc/dnnl_conv.cc`) with its FFI targets registered, or None:
     not built, oneDNN (the onednn-cpu-gomp wheel) not installed, or no bf16 units here."""
-    if os.environ.get("CELLCOUNT_JAX_NATIVE", "1") == "0":
+    path = _origin("cellcount_jax._dnnl")
+    if path is None:
         return None
-    spec = importlib.util.find_spec("cellcount_jax._dnnl")
-    if spec is None or not spec.origin:
-        return None
-    # The onednn-cpu-gomp wheel puts libdnnl.so.3 in the environment's lib/; loaded globally
-    # first, it is the one the library's dependency resolves to.
+    # The onednn-cpu-gomp wheel puts libdnnl.so.3 in the environment's lib/, where the
+    # library's dependency does not look. Loaded first (RTLD_LOCAL: its symbols stay out of
+    # the process's global scope), it is the one that dependency resolves to, by its soname.
+    dnnl = _libdnnl()
     try:
-        lib = _libdnnl()
-        if lib:
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
-    if not lib.cc_dnnl_bf16_isa():
-        return None
-    jax.ffi.register_ffi_target(BF16_CONV_TARGET, jax.ffi.pycapsule(lib.CcDnnlConv),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(BF16_KERNEL_GRAD_TARGET,
-                                jax.ffi.pycapsule(lib.CcDnnlConvKernelGrad), platform="cpu")
+        if dnnl:
+            ctypes.CDLL(dnnl, mode=ctypes.RTLD_LOCAL)
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            if dnnl is None:
+                return None  # no oneDNN (the cpu-bf16 extra) installed
+            raise
+        _check_jaxlib(lib)
+        if not lib.cc_dnnl_bf16_isa():
+            return None
+        _register(lib, [(BF16_CONV_TARGET, "CcDnnlConv"),
+                        (BF16_KERNEL_GRAD_TARGET, "CcDnnlConvKernelGrad")])
+    except Exception as e:  # noqa: BLE001 - any failure leaves the XLA formulation
+        return _unusable(path, e)
     return lib
 
 

@@ -128,13 +128,26 @@ def detect_with(density: np.ndarray, threshold: float, detector: str = "componen
     return split_heavy(density, points, threshold, split, spacing) if split > 0 else points
 
 
+def corrected_count(detections: int, pairs: float, crowd) -> float:
+    """A count corrected for crowding: the detections plus per_pair cells per close pair of
+    them (`evaluation.crowding` fits per_pair; crowd None: no correction)."""
+    return float(detections + (crowd["per_pair"] * pairs if crowd else 0.0))
+
+
+def nearest_pixel(points, shape=None) -> np.ndarray:
+    """The nearest pixel (int, n x ndim) of each point (n, ndim) in pixel coordinates, halves
+    rounded up: floor(x + 0.5), the one rule for dots, detections and tile ownership
+    (`targets.rasterize` applies it in JAX); clipped into an image of `shape` when given."""
+    idx = np.floor(np.asarray(points, np.float64) + 0.5).astype(np.int64)
+    return idx if shape is None else np.clip(idx, 0, np.asarray(shape) - 1)
+
+
 def inside(points, roi):
     """The points (n, ndim) whose nearest pixel lies in the bool mask `roi` (None: all)."""
     points = np.asarray(points)
     if roi is None or len(points) == 0:
         return points
-    idx = np.clip(np.round(points).astype(int), 0, np.array(roi.shape) - 1)
-    return points[roi[tuple(idx.T)]]
+    return points[roi[tuple(nearest_pixel(points, roi.shape).T)]]
 
 
 def close_pairs(points, distance: float, spacing=None, owned=None) -> float:

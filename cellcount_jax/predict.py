@@ -106,11 +106,6 @@ def _is_plane(path: str) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and shape[-1] <= 4)
 
 
-def _is_zarr(path: str) -> bool:
-    return path.rstrip("/").lower().endswith(".zarr") or any(
-        os.path.exists(os.path.join(path, f)) for f in (".zarray", ".zgroup", "zarr.json"))
-
-
 def inputs(path: str, ndim: int, annotations: str = "", roi: str = ""):
     """(name, volume, dots or None, roi or None) for each image of `path`: one image file, a
     zarr / OME-Zarr, a folder of images, or (3D models) a folder of 2D planes as one z-stack.
@@ -120,7 +115,7 @@ def inputs(path: str, ndim: int, annotations: str = "", roi: str = ""):
         raise InputError("--roi needs --annotations (the region is where the dots are complete)")
     if not os.path.exists(path):
         raise InputError(f"--input {path!r}: no such file or folder")
-    if os.path.isdir(path) and not _is_zarr(path):
+    if os.path.isdir(path) and not volumes.is_zarr(path):
         names = io.list_images(path)
         if not names:
             raise InputError(f"{path}: no PNG/TIFF images")
@@ -156,11 +151,6 @@ def _append(path: str, text: str):
         f.flush()
         os.fsync(f.fileno())
         return f.tell()
-
-
-def _rows(pixels, physical, density):
-    return "".join(",".join([f"{v:.3f}" for v in p] + [f"{v:.4f}" for v in q] + [f"{d:.4g}"])
-                   + "\r\n" for p, q, d in zip(pixels, physical, density))
 
 
 def _finished_tiles(ledger: str, detections: str):
@@ -304,7 +294,7 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
     if density not in DENSITY_FORMATS:
         raise InputError(f"--density must be one of {DENSITY_FORMATS}, got {density!r}")
     model_spacing = np.asarray(predictor.spacing, np.float64)
-    zoom, used = predictor.input_zoom(volume, spacing, diameter)
+    grid_volume, zoom, used = predictor.input_grid(volume, spacing, diameter)
     if used is not None:
         unit = "" if spacing is not None else " pixels"
         how = "estimated" if diameter == "auto" else "given"
@@ -312,7 +302,6 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
         print(f"{name}: cells {used:.4g}{unit} across ({how}), the model's "
               f"{predictor.cell_diameter:.4g}: resampled by {scale}", flush=True)
     spacing = predictor.input_spacing(spacing)
-    grid_volume = volume if np.allclose(zoom, 1) else tiling.Resampled(volume, zoom)
     tile, context = predictor.tiling(tile, context)
     tiles = tiling.grid(grid_volume.shape, tile, context)
     os.makedirs(output, exist_ok=True)
@@ -351,8 +340,7 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
         ndim = volume.ndim
         axes = "zyx"[3 - ndim:]
         with open(paths["detections.csv"], "w", newline="") as f:
-            f.write(",".join([f"axis-{i}" for i in range(ndim)]
-                             + [f"{a}_physical" for a in axes] + ["density"]) + "\r\n")
+            f.write(",".join(io.detection_columns(ndim, ["density"])) + "\r\n")
         with open(paths["tiles.csv"], "w", newline="") as f:
             f.write(",".join(["tile"] + [f"{a}0" for a in axes] + [f"{a}1" for a in axes]
                              + ["detections", "integration", "pairs", "csv_bytes"]) + "\n")
@@ -373,7 +361,8 @@ def predict_image(predictor, volume, output: str, name: str, *, tile=None, conte
         if store is not None:
             store.write(r.tile.core, r.core_density)
         pixels = r.pixels / zoom if grid_volume is not volume else r.pixels
-        length = _append(paths["detections.csv"], _rows(pixels, pixels * spacing, r.density))
+        length = _append(paths["detections.csv"], io.detection_rows(pixels, spacing,
+                                                                     [r.density]))
         _append(paths["tiles.csv"], ",".join(
             [str(r.tile.index)] + [str(a) for a, _ in r.tile.core] + [str(b) for _, b in r.tile.core]
             + [str(len(pixels)), f"{r.mass / mass_per_dot:.3f}", f"{r.pairs:g}", str(length)])

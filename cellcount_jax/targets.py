@@ -32,7 +32,7 @@ def rasterize(dots, num_dots, shape: Sequence[int]):
     """Counts of dots per pixel, int32 of `shape` (two dots on one pixel count 2)."""
     dots = jnp.asarray(dots)
     valid = jnp.arange(dots.shape[0]) < num_dots
-    idx = jnp.round(dots).astype(jnp.int32)
+    idx = jnp.floor(dots + 0.5).astype(jnp.int32)  # halves up, as postprocess.nearest_pixel
     # Padded rows are sent out of bounds and dropped (negative indices would wrap around).
     idx = jnp.where(valid[:, None], idx, jnp.asarray(shape, jnp.int32))
     return jnp.zeros(shape, jnp.int32).at[tuple(idx.T)].add(1, mode="drop")
@@ -122,7 +122,7 @@ def distance_bound(dots, num_dots, shape, spacing, cell: int = 8, chunk: int = 1
     axes = [np.minimum(np.arange(cell // 2, s + cell // 2, cell), s - 1) for s in shape]
     centres = jnp.asarray(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape)),
                           jnp.float32)
-    dots = jnp.round(jnp.asarray(dots, jnp.float32))
+    dots = jnp.floor(jnp.asarray(dots, jnp.float32) + 0.5)
     valid = jnp.arange(dots.shape[0]) < num_dots
     chunk = min(chunk, dots.shape[0])
     pad = -dots.shape[0] % chunk

@@ -66,7 +66,7 @@ def grid(shape: Sequence[int], tile: Sequence[int], context: Sequence[int]):
 
 def owned(points, core: Box):
     """Bool (n,): points (n, ndim), in pixels, whose nearest voxel lies in `core`."""
-    idx = np.floor(np.asarray(points, np.float64) + 0.5)
+    idx = postprocess.nearest_pixel(points)
     lo, hi = np.array([a for a, _ in core]), np.array([b for _, b in core])
     return np.all((idx >= lo) & (idx < hi), axis=1)
 
@@ -131,8 +131,8 @@ def predict_tiles(predictor, volume: Volume, affine, tiles, detect: bool = True,
             if crowd:
                 pairs = postprocess.close_pairs(pts, crowd["distance"], predictor.spacing, mine)
             pts = pts[mine]
-            idx = np.clip(np.round(pts).astype(int), 0, np.array(density.shape) - 1)
-            at = density[tuple(idx.T)].astype(np.float32)
+            at = density[tuple(postprocess.nearest_pixel(pts, density.shape).T)].astype(
+                np.float32)
             pts = (pts + start).astype(np.float32)
         core_density = density[core]
         yield TileResult(tile, pts, at, float(core_density.sum(dtype=np.float64)),

@@ -232,12 +232,17 @@ class _MappedOnRead:
             del mapped
 
 
+def is_zarr(path: str) -> bool:
+    """Whether `path` is a zarr array or group (`*.zarr`, or a folder holding zarr's
+    metadata: .zarray, .zgroup or zarr.json)."""
+    return path.rstrip("/").lower().endswith(".zarr") or any(
+        os.path.exists(os.path.join(path, f)) for f in (".zarray", ".zgroup", "zarr.json"))
+
+
 def open_volume(path: str, ndim: int) -> Volume:
     """The image at `path` (see the module docstring) as a lazily read `Volume`."""
     name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    if path.rstrip("/").lower().endswith(".zarr") or os.path.exists(os.path.join(path, ".zarray")) \
-            or os.path.exists(os.path.join(path, "zarr.json")) \
-            or os.path.exists(os.path.join(path, ".zgroup")):
+    if is_zarr(path):
         zarr = _zarr()
         try:
             node = zarr.open(path, mode="r")

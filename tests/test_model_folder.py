@@ -61,7 +61,7 @@ def get_config():
 def rows_by_name(path):
     out = {}
     for r in csv.DictReader(open(path)):
-        out.setdefault(r["name"], []).append((float(r["y"]), float(r["x"])))
+        out.setdefault(r["name"], []).append((float(r["axis-0"]), float(r["axis-1"])))
     return out
 
 

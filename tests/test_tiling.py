@@ -406,3 +406,25 @@ def test_streamed_statistics_match_numpy_without_reading_the_whole(tmp_path, mon
     want = (y - y.mean()) / (y.std() + 1e-6)
     np.testing.assert_allclose(Normaliser.apply(image[..., None], (offset, scale))[..., 0], want,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_one_nearest_pixel_rule_for_half_coordinates():
+    """Dots, detections and tile ownership all take a point's nearest pixel as floor(x + 0.5)
+    (halves up; np.round would send 2.5 to 2 and 3.5 to 4)."""
+    import jax.numpy as jnp
+    from cellcount_jax import postprocess, targets, tiling
+    from cellcount_jax.data.dataset import check_dots
+    pts = np.array([[2.5, 3.5], [0.49, 6.5], [-0.5, 7.49]])
+    np.testing.assert_array_equal(postprocess.nearest_pixel(pts), [[3, 4], [0, 7], [0, 7]])
+    np.testing.assert_array_equal(postprocess.nearest_pixel(pts, (3, 7)), [[2, 4], [0, 6], [0, 6]])
+    # The target's dot pixel, the tile that owns the point and the ROI test agree.
+    counts = np.asarray(targets.rasterize(jnp.asarray(pts[:2], jnp.float32), 2, (8, 8)))
+    assert counts[3, 4] == 1 and counts[0, 7] == 1 and counts.sum() == 2
+    assert tiling.owned(pts[:1], ((3, 4), (4, 5))).all()
+    assert not tiling.owned(pts[:1], ((2, 3), (3, 4))).any()
+    roi = np.zeros((8, 8), bool)
+    roi[3, 4] = True
+    np.testing.assert_array_equal(postprocess.inside(pts[:1], roi), pts[:1])
+    with pytest.raises(Exception, match="outside"):
+        check_dots(np.array([[7.5, 1.0]]), (8, 8), "im")  # nearest pixel 8: outside
+    check_dots(np.array([[7.49, 1.0], [-0.5, 0.0]]), (8, 8), "im")

@@ -314,6 +314,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcConv, ConvImpl,
                                   .Attr<int64_t>("py")
                                   .Attr<int64_t>("px"));
 
+// The jaxlib whose FFI headers the library was compiled against (setup.py defines it): the
+// Python side loads the library only under that jaxlib.
+#ifndef CELLCOUNT_JAXLIB_VERSION
+#define CELLCOUNT_JAXLIB_VERSION "unknown"
+#endif
+extern "C" const char* cc_jaxlib_version() { return CELLCOUNT_JAXLIB_VERSION; }
+
 extern "C" int cc_native_supported() {
 #if CC_HAVE_KERNEL
   __builtin_cpu_init();

@@ -237,6 +237,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcDnnlConvKernelGrad, KernelGradImpl,
                                   .Attr<int64_t>("py")
                                   .Attr<int64_t>("px"));
 
+#ifndef CELLCOUNT_JAXLIB_VERSION
+#define CELLCOUNT_JAXLIB_VERSION "unknown"
+#endif
+extern "C" const char* cc_jaxlib_version() { return CELLCOUNT_JAXLIB_VERSION; }
+
 // The bf16 units oneDNN will use on this CPU: 2 AMX (AMX-BF16 tiles), 1 AVX512-BF16, 0 none
 // (then this library is not used).
 extern "C" int cc_dnnl_bf16_isa() {

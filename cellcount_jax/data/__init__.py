@@ -22,7 +22,7 @@ from cellcount_jax.data.dataset import (Dataset, check_dots, make_targets, pad_d
 from cellcount_jax.data.synthetic import synthetic_image, synthetic_set
 from cellcount_jax.errors import InputError
 from cellcount_jax.normalise import Normaliser
-from cellcount_jax.postprocess import inside
+from cellcount_jax.postprocess import inside, nearest_pixel
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ def dot_intensity_rank(image, dots, sigma: float = 2.0) -> float:
     (dark stained cells); dots of another image or on empty background rank like a typical
     pixel, near 0.5."""
     a = ndimage.gaussian_filter(np.asarray(image, np.float32).mean(-1), sigma)
-    idx = tuple(np.clip(np.round(dots).astype(int), 0, np.array(a.shape) - 1).T)
+    idx = tuple(nearest_pixel(dots, a.shape).T)
     return float(np.mean(np.searchsorted(np.sort(a, axis=None), a[idx]) / a.size))
 
 

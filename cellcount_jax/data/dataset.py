@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from cellcount_jax import postprocess
 from cellcount_jax import targets as targets_lib
 from cellcount_jax.errors import InputError
 
@@ -35,7 +36,7 @@ def check_dots(dots: np.ndarray, shape: Sequence[int], name: str):
         raise InputError(f"{name}: dots must be (n, {len(shape)}) coordinates, got {dots.shape}")
     if not np.isfinite(dots).all():
         raise InputError(f"{name}: dots contain NaN or inf")
-    rounded = np.round(dots)
+    rounded = postprocess.nearest_pixel(dots)
     outside = np.any((rounded < 0) | (rounded >= np.asarray(shape)), axis=1)
     if outside.any():
         raise InputError(f"{name}: {int(outside.sum())} dots lie outside the image of shape "
@@ -216,8 +217,8 @@ class Dataset:
         # Each image's dots as pixels (inside its mask), the anchors of dot-centred crops.
         self._dot_pixels = []
         for i, (im, d) in enumerate(zip(self.images, self.dots)):
-            px = np.clip(np.round(np.asarray(d).reshape(-1, self.ndim)).astype(int), 0,
-                         np.array(im.shape[:self.ndim]) - 1)
+            px = postprocess.nearest_pixel(np.asarray(d).reshape(-1, self.ndim),
+                                           im.shape[:self.ndim])
             m = None if self.masks is None else self.masks[i]
             self._dot_pixels.append(px if m is None else px[m[tuple(px.T)]])
 

@@ -108,19 +108,26 @@ def dots_from_red_pixels(path: str):
     return np.argwhere(red).astype(np.float32)
 
 
-def write_dots_csv(path: str, dots: np.ndarray, spacing=None, extra=None):
-    """Dots as CSV with pixel columns ([z,] y, x) and physical columns ([z_um,] y_um, x_um)."""
-    dots = np.asarray(dots, np.float64).reshape(-1, np.shape(dots)[-1] if np.ndim(dots) == 2 else 2)
-    ndim = dots.shape[1]
-    axes = ["z", "y", "x"][3 - ndim:]
-    spacing = np.ones(ndim) if spacing is None else np.asarray(spacing, np.float64)
-    extra = extra or {}
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(axes + [f"{a}_physical" for a in axes] + list(extra))
-        for i, d in enumerate(dots):
-            w.writerow([f"{v:.3f}" for v in d] + [f"{v:.4f}" for v in d * spacing]
-                       + [f"{extra[k][i]:.4g}" for k in extra])
+def detection_columns(ndim: int, extra=(), name: bool = False) -> list:
+    """The header of a detections CSV (`cellcount predict`'s, a model folder's
+    eval_detections.csv): with `name`, the image's name first; the pixel coordinates as napari
+    names them (`axis-0` ..., which `read_dots_csv` and napari's CSV reader take as they are),
+    the physical ones (`[z_physical,] y_physical, x_physical`), then the `extra` columns."""
+    axes = "zyx"[3 - ndim:]
+    return (["name"] * name + [f"axis-{i}" for i in range(ndim)]
+            + [f"{a}_physical" for a in axes] + list(extra))
+
+
+def detection_rows(pixels, spacing, extra=(), name: str = None) -> str:
+    """The CRLF-terminated rows of `detection_columns` for points (n, ndim) in pixels: `name`
+    first where given, pixel coordinates to 3 decimals, physical ones (pixels * spacing) to 4,
+    then each of the `extra` arrays (n,) to 4 significant digits."""
+    pixels = np.asarray(pixels, np.float64).reshape(-1, len(spacing))
+    physical = pixels * np.asarray(spacing, np.float64)
+    lead = [] if name is None else [name]
+    return "".join(",".join(lead + [f"{v:.3f}" for v in p] + [f"{v:.4f}" for v in q]
+                            + [f"{e[i]:.4g}" for e in extra]) + "\r\n"
+                   for i, (p, q) in enumerate(zip(pixels, physical)))
 
 
 def list_images(folder: str):
