@@ -49,7 +49,7 @@ def main():
     splits = data.load(config)
     predictor = load_model(a.model)
     crop = np.asarray(predictor.record["train_crop"])
-    largest = np.max([im.shape[:-1] for s in ("calibration", "test") for im in splits[s].images]
+    largest = np.max([im.shape[:-1] for s in (splits.calibration, splits.test) for im in s.images]
                      + ([tifffile.TiffFile(a.volume).series[0].shape[:len(crop)]]
                         if a.volume else []), axis=0)
     for crops in (float(c) for c in a.crops.split(",")):

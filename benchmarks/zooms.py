@@ -40,9 +40,9 @@ def main():
     config = model_folder.read_config(a.model)
     splits = data.load(config)
     predictor = load_model(a.model)
-    sets = {"calibration": splits["calibration"], "test": splits["test"]}
+    sets = {"calibration": splits.calibration, "test": splits.test}
     if a.pool:
-        sets["pool"] = pool_split(config, splits["normaliser"])
+        sets["pool"] = pool_split(config, splits.normaliser)
     for zoom in (float(z) for z in a.zooms.split(",")):
         config.predict.zooms = (zoom,)
         start = time.time()

@@ -211,7 +211,7 @@ def zooms(config):
 
 def calibrate_record(config, predictor, splits):
     """Chooses the input zoom (among `predict.zooms`), detector and threshold on
-    splits['calibration'] (the labeled training images, or held-out bands of them:
+    splits.calibration (the labeled training images, or held-out bands of them:
     `data.calibration_split`) and stores them in `predictor.record` ('zoom', 'detector'):
     the best pooled F1, then the lowest MAE, then the first zoom listed. Thresholds are tried
     relative to the typical peak of the training targets (scale for inverse distance maps, one
@@ -219,12 +219,12 @@ def calibrate_record(config, predictor, splits):
     flat maps, more than `eval.max_detections_ratio` times the dots); where every candidate is
     refused, the best of them is kept with `'degenerate': True` in the record. Returns the
     pooled F1 of the choice on the calibration images (0 where degenerate)."""
-    ev, train = config.eval, splits["train"]
-    cal = splits["calibration"]
+    ev, train = config.eval, splits.train
+    cal = splits.calibration
     peak = float(np.mean([t.max() for t in train.targets]))
     candidates = peak * np.asarray(ev.threshold_fractions)
     max_ratio = float(ev.get("max_detections_ratio", 0.0) or 0.0) or None
-    args = (candidates, float(ev.radius), splits["spacing"], ev.detector, ev.min_size, cal.rois,
+    args = (candidates, float(ev.radius), splits.spacing, ev.detector, ev.min_size, cal.rois,
             _min_distances(ev))
     ratios = _splits(ev)
     best, degenerate = None, False
@@ -247,13 +247,13 @@ def calibrate_record(config, predictor, splits):
             if best is None or key > best[0]:
                 best = (key, zoom, zoom_detector, zoom_maps)
     key, predictor.record["zoom"], detector, maps = best
-    held_out = splits.get("held_out", False)
-    dots, detect = _within(maps, cal.dots, cal.rois, splits["spacing"])
+    held_out = splits.held_out
+    dots, detect = _within(maps, cal.dots, cal.rois, splits.spacing)
     preds = detect(detector["name"], detector["threshold"], ev.min_size, detector["min_distance"],
                    (detector["split"],))[0]
     predictor.record["detector"] = {
         **detector, "min_size": int(ev.min_size), "radius": float(ev.radius),
-        "crowding": crowding(preds, dots, 2 * float(ev.radius), splits["spacing"]),
+        "crowding": crowding(preds, dots, 2 * float(ev.radius), splits.spacing),
         "calibration_f1": float(key[0]),
         "calibrated_on": f"{'held-out bands of ' if held_out else ''}{len(cal.images)} labeled "
                          f"training images"}
@@ -263,7 +263,7 @@ def calibrate_record(config, predictor, splits):
 
 
 def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=True):
-    """Scores a calibrated `predictor` on splits['test'] and returns the summary:
+    """Scores a calibrated `predictor` on splits.test and returns the summary:
     {'model': {...}[, 'raw_threshold': {...}], ...} with mae (detections), mae_integration,
     mae_corrected, precision, recall, f1 at `eval.radius`, `by_radius` for `eval.extra_radii`.
 
@@ -272,8 +272,8 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     physical coordinates).
     """
     ev = config.eval
-    spacing = splits["spacing"]
-    test = splits["test"]
+    spacing = splits.spacing
+    test = splits.test
     radii = [float(ev.radius)] + [float(r) for r in ev.extra_radii]
     d = predictor.record["detector"]
     test_maps = _maps(predictor, test.images)
@@ -286,7 +286,7 @@ def evaluate(config, predictor, splits, workdir=None, baseline=True, verbose=Tru
     summary = {"model": model_scores}
     if baseline:
         raw = lambda ims: [im.mean(-1) for im in ims]
-        cal = splits["calibration"]
+        cal = splits.calibration
         cal_raw = raw(cal.images)
         raw_candidates = np.quantile(np.concatenate([r.ravel() for r in cal_raw]),
                                      np.linspace(0.3, 0.995, 40))

@@ -135,16 +135,16 @@ def read_config(workdir: str) -> ConfigDict:
 
 def new_record(config, splits, mass_per_dot: float) -> dict:
     """The inference record of a run, before calibration (detector None)."""
-    train = splits["train"]
+    train = splits.train
     return {
         "format": FORMAT,
         "package_version": version(),
         "ndim": int(train.ndim),
         "channels": int(train.images[0].shape[-1]),
-        "spacing": list(splits["spacing"]),
+        "spacing": list(splits.spacing),
         "network": {"name": "SAUNet", "features": int(config.model.features),
                     "levels": models.LEVELS},
-        "normalisation": splits["normaliser"].to_json(),
+        "normalisation": splits.normaliser.to_json(),
         "target": {"kind": config.target.kind, "scale": float(config.target.scale),
                    "sigma": float(config.target.sigma), "mass_per_dot": float(mass_per_dot)},
         "train_crop": [int(c) for c in config.train.crop],
@@ -152,7 +152,7 @@ def new_record(config, splits, mass_per_dot: float) -> dict:
         "test_time_augmentation": bool((config.get("predict") or {}).get("tta", False)),
         "zoom": 1.0,
         "detector": None,
-        "cell_size": cellsize.of_training_set(train.images, train.dots, splits["spacing"]),
+        "cell_size": cellsize.of_training_set(train.images, train.dots, splits.spacing),
     }
 
 

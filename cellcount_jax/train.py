@@ -306,8 +306,8 @@ def train(config, workdir: str, allow_config_change: bool = False):
     model_folder.prepare_workdir(workdir, config, allow_config_change, write=lead)
     log("loading data")
     splits = data.load(config, distributed.part())
-    log(splits["summary"])
-    train_set = splits["train"]
+    log(splits.summary)
+    train_set = splits.train
     crop = _fit_crop(config, train_set)
     if crop != tuple(config.train.crop):
         log(f"the images are smaller than the training crop {tuple(config.train.crop)}: crops "
@@ -533,7 +533,7 @@ def _periodic_eval(config, predictor, splits):
         with warnings.catch_warnings():  # an early, still flat map is expected here
             warnings.simplefilter("ignore")
             out = {"calibration_f1": evaluation.calibrate_record(config, predictor, splits)}
-        if splits["test"] is not None:
+        if splits.test is not None:
             s = evaluation.evaluate(config, predictor, splits, baseline=False,
                                     verbose=False)["model"]
             out.update(eval_f1=s["f1"], eval_mae=s["mae"], eval_precision=s["precision"],
@@ -585,8 +585,8 @@ class _Best:
 def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     """Chooses the detector and threshold on the labeled images, stores them in the model
     folder and scores the held-out split (if any). Returns the summary (or None)."""
-    n = len(splits["train"].images)
-    where = "held-out bands of the" if splits.get("held_out") else "the"
+    n = len(splits.train.images)
+    where = "held-out bands of the" if splits.held_out else "the"
     log(f"calibrating the detector and threshold on {where} {n} labeled training images")
     evaluation.calibrate_record(config, predictor, splits)
     d = predictor.record["detector"]
@@ -599,10 +599,10 @@ def calibrate_and_evaluate(config, predictor, splits, workdir: str):
     zoom = f", input zoom {predictor.zoom:g}" if len(evaluation.zooms(config)) > 1 else ""
     log(f"detector {d['name']}, threshold {d['threshold']:.4g}{between}{zoom}, saved in "
         f"{workdir}/{model_folder.RECORD}")
-    if splits["test"] is None:
+    if splits.test is None:
         log("no test images: no held-out scores")
         return None
-    log(f"scoring the {len(splits['test'].images)} held-out images")
+    log(f"scoring the {len(splits.test.images)} held-out images")
     return evaluation.evaluate(config, predictor, splits, workdir if lead else None)
 
 
@@ -647,7 +647,7 @@ def evaluate_workdir(workdir: str, tta: Optional[bool] = None, zooms=None):
                                     model_folder.config_to_dict(config))
     log("loading data")
     splits = data.load(config, distributed.part())
-    log(splits["summary"])
+    log(splits.summary)
     predictor = model_folder.load_model(workdir)
     log(f"model of step {predictor.step}")
     if tta is not None:

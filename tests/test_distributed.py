@@ -145,12 +145,12 @@ def test_striped_channel_statistics_are_those_of_the_whole_pool():
     c.data.num_unlabeled = 5
     c.data.shard_unlabeled = True
     striped_load = data.load(c)
-    assert len(striped_load["train"].unlabeled) == 5 and striped_load["train"].stripes == 2
+    assert len(striped_load.train.unlabeled) == 5 and striped_load.train.stripes == 2
     labeled, unlabeled, _ = data._synthetic(c.data)
     pixels = np.concatenate([im.reshape(-1, 3) for im in labeled.images + unlabeled.images])
     pixels = pixels.astype(np.float64)
-    np.testing.assert_allclose(striped_load["normaliser"].mean, pixels.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(striped_load["normaliser"].std, pixels.std(0) + 1e-6, rtol=1e-6)
+    np.testing.assert_allclose(striped_load.normaliser.mean, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(striped_load.normaliser.std, pixels.std(0) + 1e-6, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,18 @@ def test_folder_load_errors(tmp_path):
     c.data.path = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="VGG cells folder"):
         data.load(c)
+
+
+def test_files_and_volumes_import_without_jax():
+    """What Dask workers and the annotation server import to read files brings no JAX."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sys\n"
+                          "import cellcount_jax.data.io, cellcount_jax.volumes, cellcount_jax.data\n"
+                          "from cellcount_jax.data import io, synthetic\n"
+                          "print('jax' in sys.modules)\n"
+                          "from cellcount_jax.data import load, Splits\n"
+                          "print('jax' in sys.modules, load.__module__, Splits.__name__)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "cellcount_jax.data.pipeline", "Splits"]

@@ -79,7 +79,8 @@ def _splits():
         dots = [_DOTS.astype(np.float32)]
         rois = None
         targets = [np.ones((36, 36), np.float32)]
-    return {"train": Split, "calibration": Split, "spacing": (1.0, 1.0)}
+    from cellcount_jax.data import Splits
+    return Splits(train=Split, calibration=Split, spacing=(1.0, 1.0))
 
 
 def _config(zooms):
