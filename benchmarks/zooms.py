@@ -9,6 +9,7 @@ calibration would choose without looking at the test images.
     python benchmarks/zooms.py --model=pretrained/vgg2d_cpu --zooms=1,1.03,1.06,1.09 --pool
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ def main():
         row = {"model": a.model, "zoom": zoom, "tta": predictor.tta, "threshold": d["threshold"],
                "min_distance": d.get("min_distance", 0.0)}
         for name, split in sets.items():
-            s = evaluation.evaluate(config, predictor, {**splits, "test": split},
+            s = evaluation.evaluate(config, predictor, dataclasses.replace(splits, test=split),
                                     baseline=False, verbose=False)["model"]
             row[name] = {"images": len(split.images),
                          **{k: round(float(s[k]), 4)
