@@ -11,8 +11,9 @@ Consistency losses: `fn(student, teacher, *, axis_name=None, **options) -> scala
 fraction of the batch (such as a count of pixels) must `psum` it over that axis, so that
 several devices give the same update as one.
 
-`get(name)` resolves a name: a function of this module (`'mse'`, `'focal_consistency'`), or
-`'package.module:function'` for a function defined anywhere else.
+`get(name, kind)` resolves a name: one of the losses this module declares for that kind
+(SUPERVISED: `'mse'`, `'peak_weighted_mse'`; CONSISTENCY: `'focal_consistency'`,
+`'consistency_mse'`), or `'package.module:function'` for a function defined anywhere else.
 """
 import importlib
 import inspect
@@ -24,8 +25,9 @@ import numpy as np
 from cellcount_jax.errors import InputError
 
 
-def _mean(x, mask=None, axis_name=None):
-    """The mean of x over its pixels, or over the masked pixels of the global batch."""
+def masked_mean(x, mask=None, axis_name=None):
+    """The mean of x over its pixels, or over the pixels where `mask` is 1 in the global
+    batch (the count psummed over `axis_name`): what a supervised loss given `mask=` returns."""
     if mask is None:
         return jnp.mean(x)
     count = jnp.sum(mask)
@@ -37,7 +39,7 @@ def _mean(x, mask=None, axis_name=None):
 def mse(pred, target, *, mask=None, axis_name=None):
     """Pixel mean squared error against the (already scaled) target map; with a `mask`, the
     mean over the masked pixels of the global batch."""
-    return _mean((pred - target) ** 2, mask, axis_name)
+    return masked_mean((pred - target) ** 2, mask, axis_name)
 
 
 def peak_weighted_mse(pred, target, *, mask=None, axis_name=None, weight: float = 10.0,
@@ -52,7 +54,7 @@ def peak_weighted_mse(pred, target, *, mask=None, axis_name=None, weight: float 
     if axis_name is not None:
         peak = jax.lax.pmax(peak, axis_name)
     w = 1.0 + weight * (target / jnp.maximum(peak, 1e-12)) ** power
-    return _mean(w * (pred - target) ** 2, mask, axis_name)
+    return masked_mean(w * (pred - target) ** 2, mask, axis_name)
 
 
 def _max_filter_3(x):
@@ -112,16 +114,25 @@ def takes_mask(fn) -> bool:
         p.name for p in params}
 
 
-def get(name: str):
-    """The loss function called `name` (see the module docstring)."""
+SUPERVISED = {"mse": mse, "peak_weighted_mse": peak_weighted_mse}
+CONSISTENCY = {"focal_consistency": focal_consistency, "consistency_mse": consistency_mse}
+
+
+def get(name: str, kind: str = None):
+    """The loss called `name` (see the module docstring); kind: 'supervised' or
+    'consistency' (None: either) names the declared losses it may be."""
     if ":" in name:
         module, fn = name.split(":", 1)
         try:
-            return getattr(importlib.import_module(module), fn)
+            loss = getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
             raise InputError(f"cannot import loss {name!r}: {e}") from e
-    fn = globals().get(name)
-    if fn is None or name.startswith("_") or not callable(fn) or name == "get":
-        raise InputError(f"unknown loss {name!r}; use a function of cellcount_jax.losses or "
-                         f"'package.module:function'")
-    return fn
+        if not callable(loss):
+            raise InputError(f"loss {name!r} is not a function")
+        return loss
+    declared = {"supervised": SUPERVISED, "consistency": CONSISTENCY,
+                None: {**SUPERVISED, **CONSISTENCY}}[kind]
+    if name not in declared:
+        raise InputError(f"unknown {kind + ' ' if kind else ''}loss {name!r}; one of "
+                         f"{sorted(declared)}, or 'package.module:function'")
+    return declared[name]

@@ -78,9 +78,9 @@ def make_train_step(config, model, tx, lr_fn, axis_name=AXIS):
     rng: a key shared by all devices; per step it is `fold_in(rng, step)`, so a resumed run
     draws the same numbers.
     """
-    supervised = losses.get(config.loss.supervised)
+    supervised = losses.get(config.loss.supervised, "supervised")
     takes_mask = losses.takes_mask(supervised)
-    consistency = losses.get(config.loss.consistency)
+    consistency = losses.get(config.loss.consistency, "consistency")
     consistency_options = dict(config.loss.consistency_options)
     supervised_options = dict(config.loss.get("supervised_options", {}))
     ssl = config.ssl

@@ -87,7 +87,38 @@ def test_get_by_name_and_by_path():
     assert losses.get("test_losses:custom_l1") is custom_l1
     with pytest.raises(ValueError, match="unknown loss"):
         losses.get("nope")
+    # Only declared losses, of the right kind: not the module's helpers.
+    for helper in ("takes_mask", "focal_weight", "get", "masked_mean", "jnp"):
+        with pytest.raises(ValueError, match="unknown loss"):
+            losses.get(helper)
+    with pytest.raises(ValueError, match="unknown consistency loss 'mse'"):
+        losses.get("mse", "consistency")
+    assert losses.get("peak_weighted_mse", "supervised") is losses.peak_weighted_mse
     with pytest.raises(ValueError, match="cannot import"):
         losses.get("no_such_module:fn")
     with pytest.raises(ValueError, match="peaks"):
         losses.focal_weight(jnp.zeros((1, 4, 4)), "loose")
+
+
+def test_the_readme_s_loss_example_takes_regions_and_held_out_bands(tmp_path, monkeypatch):
+    """The README's `mylosses.huber`, as printed there, is found by name, takes `mask=` (what
+    regions of interest and config.data.holdout need) and averages over the masked pixels."""
+    import os
+    import re
+    import sys
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    code = re.search(r"```python\n# mylosses.py\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "mylosses.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mylosses", None)
+    huber = losses.get("mylosses:huber", "supervised")
+    assert losses.takes_mask(huber)
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(0, 20, (2, 8, 8)), rng.normal(0, 20, (2, 8, 8))
+    mask = (rng.random((2, 8, 8)) < 0.3).astype(np.float32)
+    err = np.abs(pred - target)
+    per_pixel = np.where(err < 10, 0.5 * err ** 2, 10 * (err - 5))
+    got = float(huber(jnp.asarray(pred), jnp.asarray(target), mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got, per_pixel[mask == 1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(huber(jnp.asarray(pred), jnp.asarray(target))),
+                               per_pixel.mean(), rtol=1e-5)
