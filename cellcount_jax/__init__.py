@@ -11,7 +11,7 @@ focal-consistency self-supervised learning (Guo et al. 2022), in JAX/Flax.
 
 def load_model(workdir: str):
     """The model folder `workdir` (a training workdir, or a shipped model such as
-    'pretrained/vgg2d_cpu') as a `model_folder.Predictor` with `density(image)` and
+    'pretrained/vgg2d_cpu') as a `predictor.Predictor` with `density(image)` and
     `detect(image)`."""
     from cellcount_jax import cli, model_folder
     return model_folder.load_model(cli.model_path(workdir))

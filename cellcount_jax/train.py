@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cellcount_jax import (checkpoints, convolutions, data, distributed, evaluation, losses,
                            model_folder, models, native, optim, perturb, records)
+from cellcount_jax import predictor as predictor_lib
 from cellcount_jax.errors import InputError
 
 AXIS = "batch"
@@ -342,7 +343,7 @@ def train(config, workdir: str, allow_config_change: bool = False):
     if start:
         log(f"resumed from step {start}")
     recs = records.Records(workdir, start, enabled=lead)
-    predictor = model_folder.Predictor(model_folder.create_model(record), state["params"],
+    predictor = predictor_lib.Predictor(predictor_lib.create_model(record), state["params"],
                                        record, start)
     every = int(config.eval.get("every", 0) or 0)
     best = _Best(workdir, every, record)

@@ -16,6 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cellcount_jax import checkpoints, model_folder, models, normalise, predict, tiling, volumes
+from cellcount_jax import predictor as predictor_lib
 from cellcount_jax.normalise import Normaliser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def make_model(root, ndim=3, crop=(8, 16, 16), threshold=0.0, spacing=None,
         "network": {"name": "SAUNet", "features": 4, "levels": models.LEVELS},
         "normalisation": normalisation or {"mode": "percentile", "percentiles": [1.0, 99.8]},
         "target": {"kind": "inverse_distance", "scale": 100.0, "sigma": 2.0, "mass_per_dot": 1.0},
-        "train_crop": list(crop), "tiling": model_folder.tiling_default(crop),
+        "train_crop": list(crop), "tiling": predictor_lib.tiling_default(crop),
         "detector": {"name": "peaks", "threshold": float(threshold), "min_size": 1,
                      "min_distance": 0.0, "radius": 3.0},
     }
@@ -108,7 +109,7 @@ def test_image_within_one_tile_equals_whole_image_prediction(model3d):
     np.testing.assert_array_equal(det.pixels, predictor.detections_of(whole).pixels)
 
 
-class Smoothing(model_folder.Predictor):
+class Smoothing(predictor_lib.Predictor):
     """A 'network' that is a local operator (a Gaussian of the first channel): its map in a
     window equals the whole image's map away from the window's edges, so tiling may only
     change which tile reports a cell, never the cells."""
